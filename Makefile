@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= pipeline.yaml
+ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+# (Re)install when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/mpipe run $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check mpipe tests examples
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) data/input data/output data/results.h5 data/.mpipe

@@ -1,0 +1,3 @@
+from mpipe.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""What a stage function may ask of mpipe while it runs: :class:`StageContext`.
+
+A stage is a plain function ``fn(value)`` or ``fn(value, ctx)``.  The context
+gives it the pipeline's ``params``, paths inside the workdir, crash-safe output
+directories, and the two shared semaphores:
+
+* ``ctx.io()``: at most ``io_slots`` workers of the stage in file IO at once
+  (the notes' Semaphore), so many workers do not thrash one disk;
+* ``ctx.cpu()``: at most ``cpu_slots`` workers computing at once across all
+  stages (default: the cores), so extra workers overlap their IO with other
+  workers' compute instead of fighting for the cores.
+
+A worker killed while holding a slot would leak it for good (a semaphore, like
+a ``multiprocessing.Lock``, is not released by the death of its holder:
+gh-88304).  So each worker marks the slots it holds in shared memory, and the
+runner releases them on its behalf when it sees the worker die.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event, Semaphore
+from pathlib import Path
+from typing import Any
+
+from mpipe import outputs
+
+logger = logging.getLogger(__name__)
+
+IO_FLAG = 0
+CPU_FLAG = 1
+
+
+class PathEscapeError(ValueError):
+    """A path given to mpipe resolves outside the workdir (``../``, a symlink)."""
+
+
+def resolve_inside(root: Path, relative: str | Path, *, allow_outside: bool) -> Path:
+    # os.path.join("workdir", "/abs") drops workdir, and a symlink can point
+    # anywhere: resolve first, then check containment.
+    path = (root / relative).resolve()
+    if not allow_outside and not path.is_relative_to(root.resolve()):
+        raise PathEscapeError(
+            f"path {str(relative)!r} resolves to {path}, outside the workdir {root}; "
+            "set allow_outside_workdir: true if that is intended"
+        )
+    return path
+
+
+@dataclass
+class SlotFlags:
+    """A view on the shared ``[io_held, cpu_held]`` pair of one worker."""
+
+    array: Any  # multiprocessing RawArray('b'); typed Any: ctypes arrays are untyped
+    slot: int
+
+    def set(self, which: int, held: bool) -> None:
+        self.array[self.slot * 2 + which] = 1 if held else 0
+
+    def held(self, which: int) -> bool:
+        return bool(self.array[self.slot * 2 + which])
+
+
+@dataclass
+class StageContext:
+    stage: str
+    worker: str
+    params: dict[str, Any]
+    workdir: Path
+    fsync: bool
+    allow_outside_workdir: bool
+    io_semaphore: Semaphore
+    cpu_semaphore: Semaphore
+    stop_event: Event
+    flags: SlotFlags
+    key: str = ""
+    attempt: int = 1
+    io_s: float = 0.0
+    cpu_wait_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, relative: str | Path) -> Path:
+        """``relative`` resolved inside the workdir (escapes are refused)."""
+        return resolve_inside(self.workdir, relative, allow_outside=self.allow_outside_workdir)
+
+    @contextmanager
+    def io(self) -> Iterator[None]:
+        """Hold one of the stage's ``io_slots`` for a block of file IO."""
+        start = time.perf_counter()
+        with self._slot(self.io_semaphore, IO_FLAG):
+            yield
+        self.io_s += time.perf_counter() - start
+
+    @contextmanager
+    def cpu(self) -> Iterator[None]:
+        """Hold one of the pipeline's ``cpu_slots`` for a block of compute."""
+        with self._slot(self.cpu_semaphore, CPU_FLAG) as waited:
+            self.cpu_wait_s += waited
+            yield
+
+    @contextmanager
+    def _slot(self, semaphore: Semaphore, which: int) -> Iterator[float]:
+        start = time.perf_counter()
+        semaphore.acquire()
+        self.flags.set(which, True)
+        try:
+            yield time.perf_counter() - start
+        finally:
+            self.flags.set(which, False)
+            semaphore.release()
+
+    @contextmanager
+    def output_dir(self, relative: str | Path) -> Iterator[Path]:
+        """A directory whose files appear all together, or not at all.
+
+        Write the item's files into the yielded temporary directory; when the
+        block ends without an exception they are fsynced (if ``fsync``) and
+        the directory is renamed to ``relative``.
+        """
+        final = self.path(relative)
+        with outputs.atomic_dir(final, fsync=self.fsync) as tmp:
+            yield tmp
+
+    def stop_requested(self) -> bool:
+        """True once the run is stopping: long stages may return early."""
+        return self.stop_event.is_set()

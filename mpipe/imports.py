@@ -1,0 +1,97 @@
+"""Resolving ``"module:function"`` names from the config, safely.
+
+Importing a module runs its code, so a name is checked against what the config
+allows *before* it is imported: a module is allowed if it is (or is inside) one
+of ``allowed_modules``, or if its top-level package lives in the pipeline file's
+own directory.  ``importlib.util.find_spec`` on a top-level name locates the
+file without executing it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mpipe.errors import ConfigError
+
+
+def add_pipeline_dir(base_dir: Path) -> None:
+    """Make the pipeline's own modules importable (here and in children).
+
+    Children started by the forkserver inherit ``sys.path`` from the runner, so
+    this must run before the first child process starts.
+    """
+    entry = str(base_dir)
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
+def is_allowed(module: str, allowed: Sequence[str], base_dir: Path) -> bool:
+    for prefix in allowed:
+        if module == prefix or module.startswith(prefix + "."):
+            return True
+    top = module.split(".", 1)[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    locations = [spec.origin] if spec.origin else []
+    locations += list(spec.submodule_search_locations or [])
+    base = base_dir.resolve()
+    for location in locations:
+        if location and Path(location).resolve().is_relative_to(base):
+            return True
+    return False
+
+
+def resolve(name: str, key: str, allowed: Sequence[str], base_dir: Path) -> Callable[..., Any]:
+    """Import ``"module:function"`` named by config ``key``, if allowed."""
+    module_name, _, attr = name.partition(":")
+    if not is_allowed(module_name, allowed, base_dir):
+        raise ConfigError(
+            f"{key}: module {module_name!r} is not allowed",
+            hint=(
+                f"add it to allowed_modules (now {list(allowed)}), or put it next to "
+                "the pipeline file"
+            ),
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{key}: cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError(f"{key}: importing {module_name!r} raised {exc!r}") from exc
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ConfigError(f"{key}: {name} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def call_with_optional_context(fn: Callable[..., Any], *args: Any, ctx: Any) -> Any:
+    """Call ``fn(*args, ctx)`` if it takes one more argument, else ``fn(*args)``.
+
+    Stages are plain functions; only those that need the context ask for it.
+    """
+    if takes_context(fn, len(args)):
+        return fn(*args, ctx)
+    return fn(*args)
+
+
+def takes_context(fn: Callable[..., Any], n_args: int) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) > n_args

@@ -1,0 +1,127 @@
+"""Crash-safe output files.
+
+A task with several output files is not atomic if each file is renamed on its
+own (Luigi's docs say so), so :func:`atomic_dir` builds the whole directory
+under a temporary name beside the final one, makes every file durable, and
+renames the directory into place.  A reader, or a resumed run, sees all of a
+task's files or none of them.
+
+Durability needs ``fsync`` of each file, then of the directory that holds the
+rename.  An ``EIO`` from ``fsync`` is fatal (:class:`OutputError`): after a
+failed fsync a later one may succeed although the data is gone ("fsyncgate").
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mpipe.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+TMP_MARK = ".mpipe-tmp-"
+OLD_MARK = ".mpipe-old-"
+
+
+def tmp_sibling(final: Path) -> Path:
+    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def fsync_path(path: Path, *, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise output_error(exc, path, "fsync") from exc
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final: Path, *, fsync: bool) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``final`` whole.
+
+    On an exception the temporary directory is removed and ``final`` (an older
+    complete version, or nothing) is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if fsync:
+            for entry in os.scandir(tmp):
+                fsync_path(Path(entry.path))
+            fsync_path(tmp, directory=True)
+        _replace_dir(tmp, final)
+        if fsync:
+            fsync_path(final.parent, directory=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    # rename(2) cannot replace a non-empty directory, so an existing one is
+    # first moved aside.  A crash between the two renames leaves no final
+    # directory at all, never a mixed one; the item is then not committed and
+    # the next run redoes it.
+    old: Path | None = None
+    if final.exists():
+        old = final.with_name(f"{final.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Delete temporary files and directories a killed run left under ``root``.
+
+    Only called while holding the workdir's run lock, so no live run owns them.
+    """
+    removed: list[Path] = []
+    if not root.exists():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames) + filenames:
+            if TMP_MARK in name or OLD_MARK in name:
+                path = Path(dirpath) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                    dirnames[:] = [d for d in dirnames if d != name]
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any compute starts if ``directory`` cannot take files."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f"probe{TMP_MARK}{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise output_error(exc, directory, "write to") from exc
+
+
+def output_error(exc: OSError, path: Path, action: str) -> OutputError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = None
+    if exc.errno == errno.ENOSPC:
+        hint = "free disk space, then run the same command again: finished items are kept"
+    elif exc.errno == errno.EIO:
+        hint = "the disk reported an IO error; check it (dmesg) before trusting any output"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "make the directory writable, or point workdir elsewhere"
+    return OutputError(f"cannot {action} {path}: {reason}", hint=hint)

@@ -1,0 +1,122 @@
+"""Process plumbing shared by every child: start-up, the lifeline, shutdown.
+
+* Children ignore SIGINT and SIGTERM.  Ctrl-C and systemd signal the whole
+  process group; the runner alone decides what a signal means (stop feeding,
+  give in-flight items ``shutdown_grace_s``, commit, exit 130/143), and stops
+  its children itself.
+* The kernel does not kill a process whose parent dies.  Every child gets the
+  read end of a *lifeline* pipe whose only write end the runner holds; a
+  daemon thread blocks on it and exits the child when it reads EOF, i.e. when
+  the runner is gone, however it died (SIGKILL included).  This only works
+  because children are started by the forkserver and inherit no other copy of
+  the write end, as they would with ``fork``.
+* Shutdown escalates: ask, wait, SIGTERM, wait, SIGKILL, each step logged with
+  the pid (trio's ``_subprocess``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+
+logger = logging.getLogger(__name__)
+
+LIFELINE_EXIT = 70
+
+
+def child_setup(name: str, lifeline: Connection, log_level: int) -> None:
+    """First thing every child runs."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s"
+    )
+    threading.Thread(target=_watch_lifeline, args=(lifeline,), name="lifeline", daemon=True).start()
+
+
+def _watch_lifeline(lifeline: Connection) -> None:
+    try:
+        lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    # The runner is gone: nobody will read our results or stop us.
+    os._exit(LIFELINE_EXIT)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Say how a process ended, and what that usually means."""
+    if exitcode is None:
+        return "is still running"
+    if exitcode == 0:
+        return "exited normally"
+    if exitcode < 0:
+        sig = -exitcode
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        if sig == signal.SIGKILL:
+            return (
+                f"was killed by {name}: this usually means the OS killed it for running "
+                "out of memory (check dmesg), or someone ran kill -9"
+            )
+        if sig == signal.SIGSEGV:
+            return f"crashed with {name} (segmentation fault in native code)"
+        if sig in (signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL):
+            return f"crashed with {name}"
+        return f"was killed by {name}"
+    if exitcode == LIFELINE_EXIT:
+        return "exited because it lost its lifeline to the runner"
+    return f"exited with code {exitcode} (sys.exit or os._exit in the stage?)"
+
+
+def stop_processes(
+    procs: Iterable[BaseProcess], *, grace_s: float, term_s: float = 2.0
+) -> None:
+    """Wait up to ``grace_s`` for ``procs`` to exit, then SIGTERM, then SIGKILL.
+
+    Children ignore SIGTERM (see above), so SIGTERM is only a courtesy for
+    foreign code that re-enabled it; SIGKILL is what ends a stuck child.
+    """
+    alive = [p for p in procs if p.pid is not None]
+    alive = _wait_for_exit(alive, grace_s)
+    for p in alive:
+        logger.warning("process %s (pid %s) did not exit in %.1fs: SIGTERM", p.name, p.pid, grace_s)
+        p.terminate()
+    alive = _wait_for_exit(alive, term_s)
+    for p in alive:
+        logger.warning("process %s (pid %s) ignored SIGTERM: SIGKILL", p.name, p.pid)
+        p.kill()
+    for p in _wait_for_exit(alive, 10.0):
+        logger.error("process %s (pid %s) survived SIGKILL", p.name, p.pid)
+
+
+def _wait_for_exit(procs: list[BaseProcess], timeout: float) -> list[BaseProcess]:
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if p.exitcode is None]
+    while alive:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        wait([p.sentinel for p in alive], remaining)
+        alive = [p for p in alive if p.exitcode is None]
+    for p in procs:
+        if p.exitcode is not None:
+            p.join(0)
+    return alive
+
+
+def kill_now(procs: Iterable[BaseProcess]) -> None:
+    for p in procs:
+        if p.pid is not None and p.exitcode is None:
+            logger.warning("killing %s (pid %s)", p.name, p.pid)
+            p.kill()
+    for p in procs:
+        if p.pid is not None:
+            p.join(10.0)

@@ -1,0 +1,660 @@
+"""The runner: builds the process topology, supervises it, tears it down.
+
+::
+
+                      source queue                 per-worker pipes
+  +----------+  (bounded mp.Queue, bytes)  +--------------------------------+
+  | producer |---------------------------->|                                |
+  +----------+                             |            RUNNER              |
+        ^ stop_event                       |   (main process, one thread)   |
+        |                                  |                                |
+        |      +-----------------------+   |  stage queues: bounded deques, |
+        |      | stage "a" workers x N |<->|  one per stage; an item moves  |
+        |      +-----------------------+   |  to stage k+1 when stage k     |
+        |      | stage "b" workers x M |<->|  returns it                    |
+        |      +-----------------------+   |                                |
+        |        io_slots: Semaphore       |  waits on: every pipe, every   |
+        |        per stage; cpu_slots:     |  process.sentinel, the source  |
+        |        one Semaphore for all     |  queue, a signal wake-up fd    |
+        |                                  +--------------------------------+
+        |                                     | sink queue       ^ Committed
+        |                                     v (bounded)        | (pipe)
+        |                               +----------+  queue  +--------+
+        +-------------------------------| consumer |-------->| writer |--> results.h5.tmp
+                                        +----------+         +--------+    + ledger
+                                            | ConsumerDone (pipe)  ^ results lock
+                                            v                      |
+                                          runner --(after writer exits)--> seal: rename
+                                                                   to results.h5
+
+Who reads and writes what:
+
+* **producer**: runs the source function; puts one ``SourceItem`` (or
+  ``SkippedItem`` for an item committed by an earlier run) per item on the
+  source queue, blocking when it is full; ends with one ``EndOfStream``.
+* **stage workers**: each reads ``WorkItem`` from its own pipe, calls the stage
+  function, answers ``ItemDone`` or ``ItemFailure``.  One item at a time, so
+  the runner always knows what a dead worker held.  Exit on ``Shutdown``.
+* **runner**: moves items source -> stage 1 -> ... -> sink, never letting a
+  stage's queue exceed ``queue_size`` (an item is dispatched only if the next
+  queue has room for its result: backpressure up to the producer).  Retries
+  failed attempts, kills items past ``timeout_s``, replaces dead workers,
+  sends the sink one ``EndOfStream`` when every item is through.
+* **consumer**: folds finished values (the consumer function), forwards each
+  ``SinkItem`` to the writer first, sends ``ConsumerDone`` with the fold's
+  value, then one ``EndOfStream`` to the writer.
+* **writer**: the only process that opens HDF5; writes rows and commits them to
+  the ledger under the results lock; acknowledges ``Committed``; ends on the
+  ``EndOfStream`` it counts.  A last writer-side process (seal) adds the total
+  and metadata and renames the file into place.
+
+Nothing here sleeps to find out what happened: the loop blocks in
+``multiprocessing.connection.wait`` until a message, a process exit, a signal
+or the nearest item deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+from mpipe import imports, outputs, procs
+from mpipe.config import LoadedConfig
+from mpipe.consumer import ConsumerSpec, consumer_main
+from mpipe.errors import (
+    InterruptedRunError,
+    ItemsFailedError,
+    MpipeError,
+    OutputError,
+    PipelineBrokenError,
+)
+from mpipe.messages import (
+    Committed,
+    ConsumerDone,
+    EndOfStream,
+    ItemDone,
+    ItemFailure,
+    ProcessFailed,
+    SinkItem,
+    SkippedItem,
+    SourceFailed,
+    SourceItem,
+    WorkItem,
+    dumps,
+    loads,
+)
+from mpipe.pool import Shared, StagePool
+from mpipe.producer import ProducerSpec, SourceContext, producer_main
+from mpipe.runlock import RunLock
+from mpipe.state import RunPaths, config_fingerprint, run_metadata
+from mpipe.worker import WorkerSpec
+from mpipe.writer import SealSpec, WriterSpec, seal_main, writer_main
+
+logger = logging.getLogger(__name__)
+
+# How long the consumer and writer get to finish after the last item is in.
+SINK_DEADLINE_S = 120.0
+
+
+@dataclass
+class RunResult:
+    status: str  # "complete" | "items_failed" | "interrupted" | "broken"
+    produced: int = 0
+    committed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    not_started: int = 0
+    failures: list[ItemFailure] = field(default_factory=list)
+    stages: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    startup_s: float = 0.0
+    error: MpipeError | None = None
+    total: Any = None
+    results_path: str | None = None
+
+
+class Runner:
+    """Run one pipeline.  A context manager: no child outlives the ``with``."""
+
+    def __init__(self, loaded: LoadedConfig, *, fresh: bool = False,
+                 log_level: int = logging.WARNING,
+                 prepare: Callable[..., Any] | None = None) -> None:
+        self.loaded = loaded
+        self._prepare = prepare
+        self.config = loaded.config
+        self.paths = RunPaths.for_config(loaded)
+        self.fresh = fresh
+        self.log_level = log_level
+        self._lock = RunLock(self.paths.lock)
+        self._mp = get_context("forkserver")
+        self._children: list[BaseProcess] = []
+        self._pools: list[StagePool] = []
+        self._signals: list[int] = []
+        self._old_handlers: dict[int, Any] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._old_wakeup_fd = -1
+        self._t0 = time.monotonic()
+        self.prepare_s = 0.0
+
+    # ------------------------------------------------------------------ set-up
+
+    def __enter__(self) -> Runner:
+        self._t0 = time.monotonic()
+        self._lock.acquire()
+        try:
+            self._prepare_workdir()
+            if self._prepare is not None:
+                # Under the run lock: no other run reads inputs while they are made.
+                t = time.monotonic()
+                ctx = SourceContext(dict(self.config.params), self.paths.workdir,
+                                    self.config.allow_outside_workdir)
+                imports.call_with_optional_context(self._prepare, ctx=ctx)
+                self.prepare_s = time.monotonic() - t
+            self._install_signal_handlers()
+            self._t0 = time.monotonic()
+            self._start()
+        except BaseException:
+            self._teardown(grace_s=0)
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._teardown(grace_s=0 if exc is not None else self.config.shutdown_grace_s)
+
+    def _prepare_workdir(self) -> None:
+        removed = outputs.remove_leftovers(self.paths.workdir)
+        if removed:
+            logger.warning("removed %d temporary file(s) left by an interrupted run", len(removed))
+        if self.fresh and self.paths.ledger.exists():
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.paths.ledger}{suffix}").unlink(missing_ok=True)
+        # Found now, before any compute starts, not after an hour of work.
+        outputs.check_writable(self.paths.results.parent)
+        outputs.check_writable(self.paths.ledger.parent)
+        for extra in self.paths.output_dirs:
+            outputs.check_writable(extra)
+
+    def _install_signal_handlers(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        # The C-level handler writes the signal number to this socket, which the
+        # main loop waits on: a signal wakes it at once (PEP 475 would otherwise
+        # resume the wait after the Python handler ran).
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno())
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            # Explicit handlers: as PID 1 in a container the kernel applies no
+            # default action to SIGTERM.
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)
+
+    def _start(self) -> None:
+        cfg = self.config
+        modules = sorted({fn.partition(":")[0] for fn in self._stage_fns()})
+        self._mp.set_forkserver_preload(["mpipe.worker", "numpy", *modules])
+        self._lifeline_r, self._lifeline_w = self._mp.Pipe(duplex=False)
+        self.stop_event = self._mp.Event()
+        self.results_lock = self._mp.Lock()
+        n_slots = sum(self.loaded.worker_count(name) for name in cfg.stages)
+        self._flags = self._mp.RawArray("b", 2 * n_slots)
+        self._shared = Shared(
+            lifeline=self._lifeline_r,
+            cpu_semaphore=self._mp.BoundedSemaphore(self.loaded.cpu_slot_count()),
+            stop_event=self.stop_event,
+            flags=self._flags,
+        )
+        params = dict(cfg.params)
+        workdir = str(self.paths.workdir)
+
+        # Sink first, so the writer is up before results arrive.  Every queue
+        # and semaphore is kept referenced here for the whole run: a child
+        # started by the forkserver opens named semaphores by name after
+        # start() returns, and a collected one is unlinked under it.
+        self._sink_queue = self._mp.Queue(cfg.writer.queue_size)
+        self._writer_queue = writer_queue = self._mp.Queue(cfg.writer.queue_size)
+        self._writer_conn, writer_end = self._mp.Pipe(duplex=False)
+        self._writer = self._spawn("writer", writer_main, (
+            WriterSpec(str(self.paths.results_tmp), str(self.paths.ledger), cfg.fsync,
+                       cfg.writer.lock_timeout_s, self.log_level),
+            writer_queue, writer_end, self.results_lock, self._lifeline_r))
+        writer_end.close()
+        self._consumer_conn, consumer_end = self._mp.Pipe(duplex=False)
+        self._consumer = self._spawn("consumer", consumer_main, (
+            ConsumerSpec(cfg.consumer.fn if cfg.consumer else None, params, workdir,
+                         cfg.allow_outside_workdir, self.log_level),
+            self._sink_queue, writer_queue, consumer_end, self._lifeline_r))
+        consumer_end.close()
+
+        first_slot = 0
+        for name, stage_cfg in cfg.stages.items():
+            workers = self.loaded.worker_count(name)
+
+            def spec(worker_name: str, slot: int, stage: str = name, fn: str = stage_cfg.fn
+                     ) -> WorkerSpec:
+                return WorkerSpec(stage, worker_name, slot, fn, params, workdir, cfg.fsync,
+                                  cfg.allow_outside_workdir, self.log_level)
+
+            pool = StagePool(name=name, config=stage_cfg, workers=workers, first_slot=first_slot,
+                             mp=self._mp, shared=self._shared, spec=spec,
+                             on_done=self._on_stage_done, on_failed=self._on_item_failed)
+            pool.start()
+            self._pools.append(pool)
+            first_slot += workers
+
+        self._source_queue = self._mp.Queue(cfg.source.queue_size)
+        ledger = None if self.fresh else str(self.paths.ledger)
+        self._producer = self._spawn("producer", producer_main, (
+            ProducerSpec(cfg.source.fn, params, workdir, cfg.allow_outside_workdir,
+                         config_fingerprint(cfg), ledger, self.log_level),
+            self._source_queue, self._lifeline_r, self.stop_event))
+        self._startup_s = time.monotonic() - self._t0
+
+    def _spawn(self, name: str, target: Callable[..., None], args: tuple[Any, ...]
+               ) -> BaseProcess:
+        process = self._mp.Process(target=target, name=name, args=args)
+        process.start()
+        self._children.append(process)
+        return process
+
+    def _stage_fns(self) -> list[str]:
+        cfg = self.config
+        fns = [cfg.source.fn, *(s.fn for s in cfg.stages.values())]
+        return fns + ([cfg.consumer.fn] if cfg.consumer else [])
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> RunResult:
+        """Run to the end; return what happened (never raises item failures)."""
+        self._state = _State(self.config.stages)
+        self._loop()
+        return self._finish()
+
+    def _loop(self) -> None:
+        s = self._state
+        while not s.finished:
+            self._dispatch()
+            handlers = self._wait_objects()
+            timeout = self._next_timeout()
+            ready = wait(list(handlers), timeout)
+            for obj in ready:
+                if obj in handlers:
+                    try:
+                        handlers[obj]()
+                    except MpipeError as exc:
+                        self._abort(exc)
+            now = time.monotonic()
+            for pool in self._pools:
+                pool.expire(now)
+            self._advance(now)
+
+    def _wait_objects(self) -> dict[Any, Callable[[], None]]:
+        s = self._state
+        handlers: dict[Any, Callable[[], None]] = {self._wake_r: self._on_wakeup}
+        # Read the source only while the first stage's queue has room: the
+        # producer then blocks on the full source queue (backpressure).
+        first = self._pools[0]
+        if not s.producer_ended and (s.stopping or len(first.queue) < first.config.queue_size):
+            # Same trick as concurrent.futures: wait on the queue's reader end.
+            handlers[self._source_queue._reader] = self._on_source  # type: ignore[attr-defined]
+        if self._producer.exitcode is None or not s.producer_ended:
+            handlers[self._producer.sentinel] = self._on_producer_exit
+        for pool in self._pools:
+            handlers.update(pool.wait_objects())
+        if not s.consumer_exited:
+            handlers[self._consumer_conn] = self._on_consumer_message
+            handlers[self._consumer.sentinel] = self._on_consumer_exit
+        if not s.writer_exited:
+            handlers[self._writer_conn] = self._on_writer_message
+            handlers[self._writer.sentinel] = self._on_writer_exit
+        return handlers
+
+    def _next_timeout(self) -> float | None:
+        deadlines = [d for d in (p.next_deadline() for p in self._pools) if d is not None]
+        s = self._state
+        if s.grace_deadline is not None:
+            deadlines.append(s.grace_deadline)
+        if s.sink_deadline is not None:
+            deadlines.append(s.sink_deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    # ---------------------------------------------------------------- dispatching
+
+    def _dispatch(self) -> None:
+        s = self._state
+        # Downstream first, so finished work leaves before new work enters.
+        for k in range(len(self._pools) - 1, -1, -1):
+            pool = self._pools[k]
+            if s.stopping and k == 0:
+                continue  # stop taking new items
+            if k + 1 < len(self._pools):
+                nxt = self._pools[k + 1]
+                room = nxt.config.queue_size - len(nxt.queue) - pool.in_flight
+            else:
+                room = self.config.writer.queue_size - len(s.sink_pending) - s.sink_in_flight \
+                    - pool.in_flight
+            if room > 0 and pool.queue:
+                pool.dispatch(room)
+        while s.sink_pending and s.sink_in_flight < self.config.writer.queue_size:
+            self._sink_queue.put(dumps(s.sink_pending.popleft()))
+            s.sink_in_flight += 1
+
+    def _on_stage_done(self, stage: str, done: ItemDone) -> None:
+        s = self._state
+        k = s.stage_index[stage]
+        if k + 1 < len(self._pools):
+            self._pools[k + 1].queue.append(WorkItem(done.index, done.key, 1, done.value))
+        else:
+            s.sink_pending.append(SinkItem(done.index, done.key, s.fingerprints.pop(done.key),
+                                           done.value, replayed=False))
+
+    def _on_item_failed(self, stage: str, failure: ItemFailure) -> None:
+        s = self._state
+        s.fingerprints.pop(failure.key, None)
+        s.failures.append(failure)
+
+    # ---------------------------------------------------------------- event handlers
+
+    def _on_wakeup(self) -> None:
+        try:
+            self._wake_r.recv(64)
+        except BlockingIOError:
+            pass
+        while self._signals:
+            signum = self._signals.pop(0)
+            s = self._state
+            if s.signal is None:
+                s.signal = signum
+                logger.warning("%s received: finishing in-flight items (up to %.0fs), "
+                               "then stopping; send it again to stop at once",
+                               signal.Signals(signum).name, self.config.shutdown_grace_s)
+                self._request_stop(grace_s=self.config.shutdown_grace_s)
+            else:
+                logger.warning("second signal: stopping at once")
+                s.hard_stop = True
+                self._request_stop(grace_s=0)
+
+    def _on_source(self) -> None:
+        s = self._state
+        first = self._pools[0]
+        # Take what is there, up to the first stage's bound (a queue of small
+        # messages is cheaper to drain in one go than one wake-up per item).
+        while not s.producer_ended and self._source_queue._reader.poll():  # type: ignore[attr-defined]
+            if not s.stopping and len(first.queue) >= first.config.queue_size:
+                break
+            message = loads(self._source_queue.get())
+            if isinstance(message, EndOfStream):
+                s.producer_ended = True
+            elif s.stopping:
+                continue  # drained so the producer can exit; redone next run
+            elif isinstance(message, SourceItem):
+                s.produced += 1
+                s.fingerprints[message.key] = message.fingerprint
+                first.queue.append(WorkItem(message.index, message.key, 1, message.value))
+            elif isinstance(message, SkippedItem):
+                s.produced += 1
+                s.skipped += 1
+                s.sink_pending.append(SinkItem(message.index, message.key, message.fingerprint,
+                                               message.value, replayed=True))
+            elif isinstance(message, ItemFailure):
+                s.produced += 1
+                s.failures.append(message)
+            elif isinstance(message, SourceFailed):
+                s.errors.append(PipelineBrokenError(
+                    f"the source function raised {message.message}\n{message.traceback}",
+                    hint="items produced before the error are finished and committed"))
+
+    def _on_producer_exit(self) -> None:
+        s = self._state
+        self._on_source()
+        if s.producer_ended:
+            return
+        if s.stopping:
+            s.producer_ended = True
+            return
+        code = self._producer.exitcode
+        raise PipelineBrokenError(f"the producer {procs.describe_exit(code)} before the end "
+                                  "of its source")
+
+    def _on_consumer_message(self) -> bool:
+        try:
+            message = self._consumer_conn.recv()
+        except (EOFError, OSError):
+            return False
+        if isinstance(message, ConsumerDone):
+            self._state.total = message.value
+        elif isinstance(message, ProcessFailed):
+            self._state.errors.append(PipelineBrokenError(
+                f"the consumer function raised {message.message}\n{message.traceback}"))
+            self._request_stop(grace_s=self.config.shutdown_grace_s)
+        return True
+
+    def _on_consumer_exit(self) -> None:
+        s = self._state
+        while _poll(self._consumer_conn) and self._on_consumer_message():
+            pass
+        s.consumer_exited = True
+        if s.total is None and not s.errors and not s.hard_stop:
+            raise PipelineBrokenError(f"the consumer {procs.describe_exit(self._consumer.exitcode)}")
+
+    def _on_writer_message(self) -> bool:
+        try:
+            message = self._writer_conn.recv()
+        except (EOFError, OSError):
+            return False
+        s = self._state
+        if isinstance(message, Committed):
+            s.sink_in_flight -= len(message.keys) + len(message.rejected)
+            s.committed += len(message.keys) - message.replayed
+            s.replayed += message.replayed
+            s.failures.extend(message.rejected)
+        elif isinstance(message, ProcessFailed):
+            error: MpipeError
+            if message.exit_code == OutputError.exit_code:
+                error = OutputError(message.message)
+            else:
+                error = PipelineBrokenError(f"the writer failed: {message.message}\n"
+                                            f"{message.traceback}")
+            raise error
+        return True
+
+    def _on_writer_exit(self) -> None:
+        s = self._state
+        while _poll(self._writer_conn) and self._on_writer_message():
+            pass
+        s.writer_exited = True
+        if not s.sink_closed or s.sink_in_flight:
+            raise PipelineBrokenError(f"the writer {procs.describe_exit(self._writer.exitcode)}; "
+                                      "committed items are kept")
+
+    # ---------------------------------------------------------------- phases
+
+    def _request_stop(self, grace_s: float) -> None:
+        s = self._state
+        self.stop_event.set()
+        now = time.monotonic()
+        deadline = now + grace_s
+        s.grace_deadline = deadline if s.grace_deadline is None else min(s.grace_deadline,
+                                                                          deadline)
+        if not s.stopping:
+            s.stopping = True
+            s.not_started += len(self._pools[0].queue)
+            self._pools[0].queue.clear()
+
+    def _abort(self, error: MpipeError) -> None:
+        """Nothing more can be committed: stop now."""
+        s = self._state
+        logger.error("%s", error)
+        s.errors.append(error)
+        s.hard_stop = True
+        self._request_stop(grace_s=0)
+
+    def _advance(self, now: float) -> None:
+        s = self._state
+        busy = any(p.in_flight for p in self._pools)
+        queued = any(p.queue for p in self._pools[1:]) or (not s.stopping and self._pools[0].queue)
+        if s.stopping and s.grace_deadline is not None and now >= s.grace_deadline and busy:
+            for pool in self._pools:
+                for name in pool.busy_workers():
+                    logger.warning("grace period over: abandoning the item held by %s", name)
+                s.not_started += pool.in_flight + len(pool.queue)
+                pool.queue.clear()
+            procs.kill_now([p for pool in self._pools for p in pool.processes()])
+            for pool in self._pools:
+                pool.forget_items()
+            busy = queued = False
+        if s.hard_stop and not s.sink_closed:
+            s.finished = True
+            return
+        all_in = s.producer_ended and not busy and not queued
+        if all_in and not s.sink_pending and not s.sink_closed:
+            self._sink_queue.put(dumps(EndOfStream("runner")))
+            s.sink_closed = True
+            s.sink_deadline = now + SINK_DEADLINE_S
+        if s.sink_closed and s.consumer_exited and s.writer_exited:
+            s.finished = True
+        elif s.sink_deadline is not None and now >= s.sink_deadline:
+            s.errors.append(PipelineBrokenError(
+                f"the consumer or writer did not finish within {SINK_DEADLINE_S:.0f}s"))
+            s.finished = True
+
+    # ---------------------------------------------------------------- the end
+
+    def _finish(self) -> RunResult:
+        s = self._state
+        result = RunResult(status="complete", produced=s.produced, committed=s.committed,
+                           skipped=s.skipped, failed=len(s.failures), not_started=s.not_started,
+                           failures=s.failures, startup_s=self._startup_s)
+        self._teardown(grace_s=self.config.shutdown_grace_s)
+        result.stages = {p.name: p.stats for p in self._pools}
+        if s.errors:
+            result.status, result.error = "broken", s.errors[0]
+        elif s.signal is not None:
+            result.status = "interrupted"
+            result.error = InterruptedRunError(s.signal, s.committed)
+        else:
+            accounted = s.committed + s.skipped + len(s.failures)
+            if s.produced != accounted:
+                result.status = "broken"
+                result.error = PipelineBrokenError(
+                    f"invariant broken: {s.produced} items produced but {s.committed} committed "
+                    f"+ {s.skipped} skipped + {len(s.failures)} failed = {accounted}")
+            else:
+                self._seal(result)
+                if s.failures:
+                    result.status = "items_failed"
+                    result.error = ItemsFailedError(len(s.failures), s.produced, None)
+        result.total = loads(s.total) if s.total is not None else None
+        result.wall_s = time.monotonic() - self._t0
+        return result
+
+    def _seal(self, result: RunResult) -> None:
+        s = self._state
+        conn, end = self._mp.Pipe(duplex=False)
+        spec = SealSpec(str(self.paths.results_tmp), str(self.paths.results), s.produced,
+                        s.total if s.total is not None else dumps(None),
+                        run_metadata(self.loaded, result), self.config.fsync, self.log_level)
+        sealer = self._spawn("writer-seal", seal_main, (spec, end, self._lifeline_r))
+        end.close()
+        ready = wait([conn, sealer.sentinel], SINK_DEADLINE_S)
+        reply = conn.recv() if conn in ready or _poll(conn) else None
+        procs.stop_processes([sealer], grace_s=10)
+        if isinstance(reply, ProcessFailed):
+            error: MpipeError = (OutputError(reply.message) if reply.exit_code == 74
+                                 else PipelineBrokenError(reply.message))
+            result.status, result.error = "broken", error
+        elif sealer.exitcode != 0:
+            result.status = "broken"
+            result.error = PipelineBrokenError(
+                f"sealing the results file failed: the process {procs.describe_exit(sealer.exitcode)}")
+        else:
+            result.results_path = str(self.paths.results)
+
+    def _teardown(self, grace_s: float) -> None:
+        """Stop every child, in order, with deadlines; release the lock."""
+        if hasattr(self, "stop_event"):
+            self.stop_event.set()
+        for pool in self._pools:
+            pool.shutdown(grace_s=min(grace_s, 5.0))
+        # Drain the source queue before joining the producer: a process with
+        # items still buffered for a queue cannot exit (multiprocessing docs,
+        # "Joining processes that use queues").
+        if hasattr(self, "_source_queue"):
+            deadline = time.monotonic() + 5.0
+            while self._producer.exitcode is None and time.monotonic() < deadline:
+                ready = wait([self._source_queue._reader, self._producer.sentinel],  # type: ignore[attr-defined]
+                             deadline - time.monotonic())
+                if self._source_queue._reader in ready:  # type: ignore[attr-defined]
+                    self._source_queue.get()
+        if hasattr(self, "_sink_queue") and hasattr(self, "_state") and not self._state.sink_closed:
+            self._sink_queue.put(dumps(EndOfStream("runner")))
+            self._state.sink_closed = True
+        procs.stop_processes(self._children, grace_s=min(grace_s, 10.0))
+        for q in ("_source_queue", "_sink_queue"):
+            if hasattr(self, q):
+                getattr(self, q).close()
+                getattr(self, q).cancel_join_thread()
+        self._children.clear()
+        self._pools.clear()
+        self._restore_signal_handlers()
+        self._lock.release()
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers.clear()
+        if self._old_wakeup_fd != -1 or signal.set_wakeup_fd(-1) != -1:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            self._old_wakeup_fd = -1
+
+
+@dataclass
+class _State:
+    stages: dict[str, Any]
+    produced: int = 0
+    committed: int = 0
+    skipped: int = 0
+    replayed: int = 0
+    not_started: int = 0
+    failures: list[ItemFailure] = field(default_factory=list)
+    errors: list[MpipeError] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    sink_pending: deque[SinkItem] = field(default_factory=deque)
+    sink_in_flight: int = 0
+    total: bytes | None = None
+    producer_ended: bool = False
+    consumer_exited: bool = False
+    writer_exited: bool = False
+    sink_closed: bool = False
+    stopping: bool = False
+    hard_stop: bool = False
+    signal: int | None = None
+    grace_deadline: float | None = None
+    sink_deadline: float | None = None
+    finished: bool = False
+    stage_index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.stage_index = {name: i for i, name in enumerate(self.stages)}
+
+
+def _poll(conn: Any) -> bool:
+    try:
+        return bool(conn.poll())
+    except (EOFError, OSError):
+        return False
+

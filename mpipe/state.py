@@ -1,0 +1,111 @@
+"""Where a run keeps its state, and what identifies its work.
+
+Layout under the workdir::
+
+    <workdir>/.mpipe/lock                       one run at a time (flock)
+    <workdir>/.mpipe/<pipeline>/ledger.sqlite   committed items (resume)
+    <workdir>/.mpipe/<pipeline>/last-run.json   the latest run report
+    <workdir>/<writer.path>                     results.h5, replaced whole
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mpipe import __version__
+from mpipe.config import LoadedConfig, PipelineConfig
+from mpipe.context import PathEscapeError, resolve_inside
+from mpipe.errors import ConfigError
+from mpipe.outputs import TMP_MARK
+
+if TYPE_CHECKING:
+    from mpipe.runner import RunResult
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    workdir: Path
+    lock: Path
+    state_dir: Path
+    ledger: Path
+    results: Path
+    results_tmp: Path
+    default_report: Path
+    output_dirs: tuple[Path, ...]
+
+    @classmethod
+    def for_config(cls, loaded: LoadedConfig) -> RunPaths:
+        cfg = loaded.config
+        workdir = loaded.workdir
+        state = workdir / ".mpipe" / cfg.pipeline
+
+        def inside(key: str, value: str) -> Path:
+            try:
+                return resolve_inside(workdir, value, allow_outside=cfg.allow_outside_workdir)
+            except PathEscapeError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+
+        results = inside("writer.path", cfg.writer.path)
+        return cls(
+            workdir=workdir,
+            lock=workdir / ".mpipe" / "lock",
+            state_dir=state,
+            ledger=state / "ledger.sqlite",
+            results=results,
+            results_tmp=results.with_name(f"{results.name}{TMP_MARK}{os.getpid()}"),
+            default_report=state / "last-run.json",
+            output_dirs=tuple(
+                inside(f"output_dirs.{i}", d) for i, d in enumerate(cfg.output_dirs)
+            ),
+        )
+
+
+def config_fingerprint(cfg: PipelineConfig) -> str:
+    """What makes an item's result what it is: params and stage functions.
+
+    Worker counts, queue sizes and the like are left out: changing them must
+    not redo finished work.
+    """
+    identity = {
+        "pipeline": cfg.pipeline,
+        "params": cfg.params,
+        "source": cfg.source.fn,
+        "stages": [[name, stage.fn] for name, stage in cfg.stages.items()],
+    }
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    return {
+        "mpipe": __version__,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def run_metadata(loaded: LoadedConfig, result: RunResult) -> dict[str, Any]:
+    return {
+        "pipeline": loaded.config.pipeline,
+        "config": loaded.config.model_dump(mode="json"),
+        "config_path": str(loaded.path),
+        "versions": versions(),
+        "counts": {
+            "produced": result.produced,
+            "committed": result.committed,
+            "skipped": result.skipped,
+            "failed": result.failed,
+        },
+        "status": "complete" if not result.failed else "items_failed",
+        "startup_s": result.startup_s,
+    }

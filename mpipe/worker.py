@@ -1,0 +1,143 @@
+"""A stage worker process: one item at a time, from and to the runner.
+
+Each worker has its own duplex pipe to the runner and holds at most one item,
+so the runner always knows which item a dead worker held and can retry it on a
+fresh worker.  (A worker that pulled from a shared queue could die between
+``get()`` and saying what it took, or die holding the queue's read lock and
+wedge every other reader: the docs' "Avoid terminating processes".)
+
+It reads a :class:`WorkItem`, calls the stage function, and answers with
+:class:`ItemDone` or :class:`ItemFailure`.  It pickles the result itself, so an
+unpicklable result is reported with its item instead of being lost.  It exits
+on :class:`Shutdown`, on EOF from the runner, or when its lifeline breaks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event, Semaphore
+from pathlib import Path
+from typing import Any
+
+from mpipe import imports, procs
+from mpipe.context import SlotFlags, StageContext
+from mpipe.messages import ItemDone, ItemFailure, Shutdown, WorkItem, dumps, loads
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything a worker needs to know, picklable."""
+
+    stage: str
+    name: str
+    slot: int
+    fn: str
+    params: dict[str, Any]
+    workdir: str
+    fsync: bool
+    allow_outside_workdir: bool
+    log_level: int
+
+
+def worker_main(
+    spec: WorkerSpec,
+    conn: Connection,
+    lifeline: Connection,
+    io_semaphore: Semaphore,
+    cpu_semaphore: Semaphore,
+    stop_event: Event,
+    flags: Any,
+) -> None:
+    procs.child_setup(spec.name, lifeline, spec.log_level)
+    # The runner checked this name against allowed_modules before starting us.
+    module, _, attr = spec.fn.partition(":")
+    fn = getattr(__import__(module, fromlist=[attr]), attr)
+    with_ctx = imports.takes_context(fn, 1)
+    ctx = StageContext(
+        stage=spec.stage,
+        worker=spec.name,
+        params=spec.params,
+        workdir=Path(spec.workdir),
+        fsync=spec.fsync,
+        allow_outside_workdir=spec.allow_outside_workdir,
+        io_semaphore=io_semaphore,
+        cpu_semaphore=cpu_semaphore,
+        stop_event=stop_event,
+        flags=SlotFlags(flags, spec.slot),
+    )
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if isinstance(message, Shutdown):
+            return
+        assert isinstance(message, WorkItem), message
+        reply, exit_code = _run_one(fn, with_ctx, ctx, message)
+        conn.send(reply)
+        if exit_code is not None:
+            # The stage raised SystemExit or KeyboardInterrupt: end this
+            # process as it asked; the runner starts a fresh worker.
+            raise SystemExit(exit_code)
+
+
+def _run_one(
+    fn: Any, with_ctx: bool, ctx: StageContext, item: WorkItem
+) -> tuple[ItemDone | ItemFailure, int | None]:
+    ctx.key, ctx.attempt, ctx.io_s, ctx.cpu_wait_s = item.key, item.attempt, 0.0, 0.0
+    start = time.perf_counter()
+
+    def failure(kind: str, message: str, exc: BaseException | None = None) -> ItemFailure:
+        return ItemFailure(
+            index=item.index,
+            key=item.key,
+            stage=ctx.stage,
+            worker=ctx.worker,
+            kind=kind,
+            message=message,
+            traceback=traceback.format_exc() if exc is not None else "",
+            exception=_pickle_or_none(exc),
+        )
+
+    try:
+        value = loads(item.value)
+    except Exception as exc:
+        return failure("pickle", f"the item's value could not be unpickled: {exc!r}", exc), None
+    try:
+        result = fn(value, ctx) if with_ctx else fn(value)
+    except Exception as exc:
+        return failure("raised", f"{type(exc).__name__}: {exc}", exc), None
+    except BaseException as exc:
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
+        message = f"the stage raised {type(exc).__name__}{exc.args!r}; its worker exits"
+        return failure("exit", message, exc), code
+    try:
+        payload = dumps(result)
+    except Exception as exc:
+        message = f"the stage returned a {type(result).__name__} that cannot be pickled: {exc}"
+        return failure("pickle", message, exc), None
+    done = ItemDone(
+        index=item.index,
+        key=item.key,
+        worker=ctx.worker,
+        value=payload,
+        busy_s=time.perf_counter() - start,
+        io_s=ctx.io_s,
+        cpu_wait_s=ctx.cpu_wait_s,
+    )
+    return done, None
+
+
+def _pickle_or_none(exc: BaseException | None) -> bytes | None:
+    if exc is None:
+        return None
+    try:
+        return dumps(exc)
+    except Exception:
+        return None

@@ -1,0 +1,1 @@
+"""Stage functions shipped with mpipe (allowed by default in ``allowed_modules``)."""
