@@ -88,7 +88,7 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
     if cfg.prepare:
         named.append(("prepare.fn", cfg.prepare.fn))
     for key, fn in named:
-        imports.resolve(fn, f"{loaded.path.name}: {key}", cfg.allowed_modules, loaded.base_dir)
+        imports.resolve(fn, key, cfg.allowed_modules, loaded.base_dir, where=loaded.where(key))
     RunPaths.for_config(loaded)  # path checks
     return loaded
 
@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare = None
     if cfg.prepare:
         prepare = imports.resolve(cfg.prepare.fn, "prepare.fn", cfg.allowed_modules,
-                                  loaded.base_dir)
+                                  loaded.base_dir, where=loaded.where("prepare.fn"))
     with Runner(loaded, fresh=args.fresh, log_level=getattr(logging, args.log_level),
                 prepare=prepare) as runner:
         result = runner.run()

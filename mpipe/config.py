@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mpipe.errors import ConfigError
 
+FROM_COMMAND_LINE = -1
 FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
@@ -100,6 +101,11 @@ class LoadedConfig:
     config: PipelineConfig
     path: Path
     raw: dict[str, Any]
+    lines: dict[str, int]
+
+    def where(self, key: str) -> str:
+        """", pipeline.yaml line 12" for a dotted key (or its nearest parent)."""
+        return _where(self.path, self.lines, key)
 
     @property
     def base_dir(self) -> Path:
@@ -141,12 +147,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> LoadedConfig
         raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
     raw = _interpolate_env(raw, path, lines)
     for item in overrides:
-        _apply_override(raw, item)
+        key = _apply_override(raw, item)
+        lines[key] = FROM_COMMAND_LINE
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe_validation(exc, path, lines)) from None
-    return LoadedConfig(config=config, path=path.resolve(), raw=raw)
+    return LoadedConfig(config=config, path=path.resolve(), raw=raw, lines=lines)
 
 
 def _parse_yaml(text: str, path: Path) -> tuple[dict[str, int], Any]:
@@ -210,7 +217,7 @@ def _interpolate_env(value: Any, path: Path, lines: Mapping[str, int], key: str 
     return _ENV_REF.sub(expand, value)
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> str:
     """Apply one ``--set dotted.key=value``; the value is parsed as YAML."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.compute.workers=2")
@@ -232,6 +239,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set {item!r}: {part!r} is not a mapping, cannot set a key in it")
         target = child
     target[parts[-1]] = value
+    return ".".join(parts)
 
 
 def _where(path: Path, lines: Mapping[str, int], key: str) -> str:
@@ -240,6 +248,8 @@ def _where(path: Path, lines: Mapping[str, int], key: str) -> str:
     parts = key.split(".")
     while parts:
         line = lines.get(".".join(parts))
+        if line == FROM_COMMAND_LINE:
+            return " (from --set)"
         if line is not None:
             return f", {path.name} line {line}"
         parts.pop()

@@ -51,12 +51,26 @@ def is_allowed(module: str, allowed: Sequence[str], base_dir: Path) -> bool:
     return False
 
 
-def resolve(name: str, key: str, allowed: Sequence[str], base_dir: Path) -> Callable[..., Any]:
-    """Import ``"module:function"`` named by config ``key``, if allowed."""
+def resolve(name: str, key: str, allowed: Sequence[str], base_dir: Path, *,
+            where: str = "") -> Callable[..., Any]:
+    """Import ``"module:function"`` named by config ``key``, if allowed.
+
+    ``where`` (", pipeline.yaml line 9") is appended to every message.
+    """
     module_name, _, attr = name.partition(":")
+    top = module_name.split(".", 1)[0]
+    try:
+        found = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(
+            f"{key}: cannot import {name!r}: no module named {top!r}{where}",
+            hint="check the spelling; a module of your own goes next to the pipeline file",
+        )
     if not is_allowed(module_name, allowed, base_dir):
         raise ConfigError(
-            f"{key}: module {module_name!r} is not allowed",
+            f"{key}: module {module_name!r} is not allowed{where}",
             hint=(
                 f"add it to allowed_modules (now {list(allowed)}), or put it next to "
                 "the pipeline file"
@@ -65,14 +79,14 @@ def resolve(name: str, key: str, allowed: Sequence[str], base_dir: Path) -> Call
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"{key}: cannot import {module_name!r}: {exc}") from exc
+        raise ConfigError(f"{key}: cannot import {module_name!r}: {exc}{where}") from exc
     except Exception as exc:
-        raise ConfigError(f"{key}: importing {module_name!r} raised {exc!r}") from exc
+        raise ConfigError(f"{key}: importing {module_name!r} raised {exc!r}{where}") from exc
     fn = getattr(module, attr, None)
     if fn is None:
-        raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}")
+        raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}{where}")
     if not callable(fn):
-        raise ConfigError(f"{key}: {name} is not callable")
+        raise ConfigError(f"{key}: {name} is not callable{where}")
     return fn  # type: ignore[no-any-return]
 
 

@@ -309,7 +309,7 @@ class Runner:
         if not s.producer_ended and (s.stopping or len(first.queue) < first.config.queue_size):
             # Same trick as concurrent.futures: wait on the queue's reader end.
             handlers[self._source_queue._reader] = self._on_source  # type: ignore[attr-defined]
-        if self._producer.exitcode is None or not s.producer_ended:
+        if not s.producer_exited:
             handlers[self._producer.sentinel] = self._on_producer_exit
         for pool in self._pools:
             handlers.update(pool.wait_objects())
@@ -388,13 +388,13 @@ class Runner:
                 s.hard_stop = True
                 self._request_stop(grace_s=0)
 
-    def _on_source(self) -> None:
+    def _on_source(self, *, everything: bool = False) -> None:
         s = self._state
         first = self._pools[0]
         # Take what is there, up to the first stage's bound (a queue of small
         # messages is cheaper to drain in one go than one wake-up per item).
         while not s.producer_ended and self._source_queue._reader.poll():  # type: ignore[attr-defined]
-            if not s.stopping and len(first.queue) >= first.config.queue_size:
+            if not (everything or s.stopping) and len(first.queue) >= first.config.queue_size:
                 break
             message = loads(self._source_queue.get())
             if isinstance(message, EndOfStream):
@@ -420,7 +420,10 @@ class Runner:
 
     def _on_producer_exit(self) -> None:
         s = self._state
-        self._on_source()
+        s.producer_exited = True
+        # What it put before exiting is still in the pipe; take all of it (at
+        # most source.queue_size items) to find its EndOfStream.
+        self._on_source(everything=True)
         if s.producer_ended:
             return
         if s.stopping:
@@ -539,8 +542,8 @@ class Runner:
         result = RunResult(status="complete", produced=s.produced, committed=s.committed,
                            skipped=s.skipped, failed=len(s.failures), not_started=s.not_started,
                            failures=s.failures, startup_s=self._startup_s)
-        self._teardown(grace_s=self.config.shutdown_grace_s)
         result.stages = {p.name: p.stats for p in self._pools}
+        self._teardown(grace_s=self.config.shutdown_grace_s)
         if s.errors:
             result.status, result.error = "broken", s.errors[0]
         elif s.signal is not None:
@@ -637,6 +640,7 @@ class _State:
     sink_in_flight: int = 0
     total: bytes | None = None
     producer_ended: bool = False
+    producer_exited: bool = False
     consumer_exited: bool = False
     writer_exited: bool = False
     sink_closed: bool = False

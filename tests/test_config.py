@@ -1,0 +1,97 @@
+"""Bad config: exit 2, the key and the YAML line named, before any process starts."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import mpipe
+
+GOOD = """\
+pipeline: notes
+workdir: .
+params: {tasks: 2, repeat: 0, seed: 0}
+source: {fn: mpipe.workloads.notes:tasks}
+stages:
+  compute:
+    fn: mpipe.workloads.notes:process_task
+    workers: 2
+consumer: {fn: mpipe.workloads.notes:accumulate}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(textwrap.dedent(text))
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD.replace("workers: 2", "workers: [2"), ["invalid YAML", "line 9"]),
+        (GOOD.replace("workers: 2", "wokers: 2"),
+         ["stages.compute.wokers", "unknown key", "pipeline.yaml line 8"]),
+        (GOOD.replace("workers: 2", "workers: 2\n    queue_size: lots"),
+         ["stages.compute.queue_size", "integer", "line 9"]),
+        (GOOD.replace("workers: 2", "workers: 0"),
+         ["stages.compute.workers", ">= 1", "got 0", "line 8"]),
+        (GOOD.replace("process_task", "no_such_function"),
+         ["stages.compute.fn", "no attribute 'no_such_function'", "line 7"]),
+        (GOOD.replace("mpipe.workloads.notes:process_task", "nosuchmodule:fn"),
+         ["stages.compute.fn", "no module named 'nosuchmodule'", "line 7"]),
+        (GOOD.replace("mpipe.workloads.notes:process_task", "json:dumps"),
+         ["stages.compute.fn", "'json' is not allowed", "allowed_modules"]),
+        (GOOD.replace("params: {tasks: 2, repeat: 0, seed: 0}",
+                      "params: !!python/object/apply:os.system ['echo pwned']"),
+         ["safe loader"]),
+        (GOOD.replace("source:", "sauce:"), ["sauce", "unknown key", "source", "required"]),
+        (GOOD + "writer: {path: ../escaped.h5}\n", ["writer.path", "outside the workdir"]),
+    ],
+    ids=["syntax", "unknown-key", "wrong-type", "workers-0", "no-attr", "no-module",
+         "not-allowed", "python-tag", "missing", "path-escape"],
+)
+def test_bad_config_exits_2_naming_key_and_line(
+    tmp_path: Path, text: str, expected: list[str]
+) -> None:
+    cfg = write(tmp_path, text)
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 2, proc.stderr
+    for fragment in expected:
+        assert fragment in proc.stderr, f"{fragment!r} not in:\n{proc.stderr}"
+    # Before any process started: no run state, no outputs.
+    assert not (tmp_path / ".mpipe").exists()
+    assert not (tmp_path / "output").exists()
+    assert not (tmp_path / "pwned").exists()
+    validate = mpipe("validate", cfg)
+    assert validate.returncode == 2
+
+
+def test_validate_and_plan_accept_a_good_config(tmp_path: Path) -> None:
+    cfg = write(tmp_path, GOOD)
+    assert mpipe("validate", cfg).returncode == 0
+    plan = mpipe("plan", cfg, "--set", "stages.compute.workers=3")
+    assert plan.returncode == 0, plan.stderr
+    assert "workers=3" in plan.stdout and "compute" in plan.stdout
+
+
+def test_env_interpolation(tmp_path: Path) -> None:
+    cfg = write(tmp_path, GOOD.replace("workers: 2", "workers: ${MPIPE_W:-1}"))
+    plan = mpipe("plan", cfg, env={"MPIPE_W": "3"})
+    assert "workers=3" in plan.stdout, plan.stderr
+    plan = mpipe("plan", cfg)
+    assert "workers=1" in plan.stdout, plan.stderr
+    cfg = write(tmp_path, GOOD.replace("workers: 2", "workers: ${MPIPE_UNSET_VAR}"))
+    proc = mpipe("plan", cfg)
+    assert proc.returncode == 2 and "MPIPE_UNSET_VAR" in proc.stderr
+
+
+def test_bad_set_override(tmp_path: Path) -> None:
+    cfg = write(tmp_path, GOOD)
+    proc = mpipe("run", cfg, "--set", "stages.compute.workers=-1")
+    assert proc.returncode == 2 and "stages.compute.workers" in proc.stderr
+    assert "(from --set)" in proc.stderr
+    proc = mpipe("run", cfg, "--set", "nonsense")
+    assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr

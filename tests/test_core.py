@@ -1,0 +1,102 @@
+"""The core promise: any worker count gives the serial computation's results."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mpipe import messages
+from tests.conftest import check_against_reference, make_inputs, mpipe, notes_config
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 5, 10])
+def test_results_equal_serial_reference(tmp_path: Path, workers: int) -> None:
+    make_inputs(tmp_path, 5)
+    cfg = notes_config(tmp_path, tasks=5, workers=workers)
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 0, proc.stderr
+    check_against_reference(tmp_path, 5, 1)
+    report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
+    assert report["counts"] == {"produced": 5, "committed": 5, "skipped": 0, "failed": 0,
+                                "not_started": 0}
+
+
+def test_io_only_variant_and_more_workers_than_cores(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 4)
+    cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=6,
+                       extra="cpu_slots: 1\n", stage_extra="io_slots: 1\n")
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 0, proc.stderr
+    check_against_reference(tmp_path, 4, 0)
+
+
+@pytest.mark.parametrize("tasks", [0, 1])
+def test_zero_and_one_task(tmp_path: Path, tasks: int) -> None:
+    make_inputs(tmp_path, tasks)
+    cfg = notes_config(tmp_path, tasks=tasks, workers=3)
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(tmp_path / "results.h5") as f:
+        if tasks:
+            check_against_reference(tmp_path, 1, 1)
+        else:
+            assert "results" not in f
+            np.testing.assert_array_equal(f["total"][:], np.zeros(26))
+            assert json.loads(f.attrs["counts"])["produced"] == 0
+
+
+def test_set_overrides_any_value_by_dotted_path(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=1, workers=1)
+    proc = mpipe("run", cfg, "--set", "params.tasks=3", "--set", "stages.compute.workers=2")
+    assert proc.returncode == 0, proc.stderr
+    check_against_reference(tmp_path, 3, 1)
+    report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
+    assert report["stages"]["compute"]["workers"] == 2
+
+
+def test_stage_error_names_stage_item_worker_and_others_go_on(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 4)
+    cfg = notes_config(tmp_path, tasks=4, fn="tests.faults.stages:notes_with_fault",
+                       extra="params: {tasks: 4, repeat: 1, seed: 0, fault: raise, "
+                             "fault_key: t002}\n".replace("params", "params"))
+    # The fault key is given by --set: the config's params line stays valid.
+    proc = mpipe("run", cfg, "--set", "params.fault=raise", "--set", "params.fault_key=t002")
+    assert proc.returncode == 1, proc.stderr
+    assert "t002" in proc.stdout and "compute" in proc.stdout
+    report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
+    [failure] = report["failures"]
+    assert failure["key"] == "t002" and failure["stage"] == "compute"
+    assert failure["worker"].startswith("compute-")
+    assert "InjectedFault" in failure["message"] and "Traceback" in failure["traceback"]
+    check_against_reference(tmp_path, 4, 1, expect_tasks=[0, 1, 3])
+
+
+def test_every_message_type_pickles() -> None:
+    failure = messages.ItemFailure(1, "k", "s", "w", "raised", "m", "tb", None)
+    samples = [
+        messages.Task("k", {"t": 1}, ("a",), ("b",)),
+        messages.SourceItem(0, "k", "fp", b"v"),
+        messages.SkippedItem(0, "k", "fp", b"v"),
+        messages.SourceFailed("m", "tb"),
+        messages.EndOfStream("producer"),
+        messages.WorkItem(0, "k", 1, b"v"),
+        messages.ItemDone(0, "k", "w", b"v", 1.0, 0.5, 0.1),
+        failure,
+        messages.SinkItem(0, "k", "fp", b"v", False),
+        messages.Committed(("k",), 0, (failure,)),
+        messages.ConsumerDone(b"v"),
+        messages.ProcessFailed("writer", "m", "tb", 74),
+        messages.Shutdown(),
+    ]
+    names = {type(m).__name__ for m in samples}
+    public = {n for n, v in vars(messages).items()
+              if isinstance(v, type) and v.__module__ == messages.__name__}
+    assert names == public, f"untested message types: {public - names}"
+    for m in samples:
+        assert pickle.loads(pickle.dumps(m)) == m
