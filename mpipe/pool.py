@@ -29,7 +29,7 @@ from typing import Any
 from mpipe import procs
 from mpipe.config import StageConfig
 from mpipe.context import CPU_FLAG, IO_FLAG
-from mpipe.errors import PipelineBrokenError
+from mpipe.errors import MpipeError, OutputError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, Shutdown, WorkItem
 from mpipe.worker import WorkerSpec, worker_main
 
@@ -62,6 +62,7 @@ class _Worker:
     item: WorkItem | None = None
     deadline: float | None = None
     killed: bool = False  # by us, for a timeout: not a crash
+    exiting: bool = False  # its stage raised SystemExit: it is on its way out
 
 
 @dataclass
@@ -87,6 +88,7 @@ class StagePool:
         spec: Callable[[str, int], WorkerSpec],
         on_done: Callable[[str, ItemDone], None],
         on_failed: Callable[[str, ItemFailure], None],
+        on_fatal: Callable[[MpipeError], None],
     ) -> None:
         self.name = name
         self.config = config
@@ -99,6 +101,7 @@ class StagePool:
         self._spec = spec
         self._on_done = on_done
         self._on_failed = on_failed
+        self._on_fatal = on_fatal
         self._workers: list[_Worker] = []
         self._slots = list(range(first_slot, first_slot + workers))
         self._crash_streak = 0
@@ -128,6 +131,7 @@ class StagePool:
             ),
         )
         process.start()
+        logger.info("started %s (pid %s)", name, process.pid)
         worker_end.close()
         self._workers.append(_Worker(name=name, slot=slot, process=process, conn=runner_end))
 
@@ -153,7 +157,8 @@ class StagePool:
         return sum(1 for w in self._workers if w.item is not None)
 
     def idle(self) -> int:
-        return sum(1 for w in self._workers if w.item is None and w.process.exitcode is None)
+        return sum(1 for w in self._workers
+                   if w.item is None and not w.exiting and w.process.exitcode is None)
 
     def busy_workers(self) -> list[str]:
         return [w.name for w in self._workers if w.item is not None]
@@ -164,7 +169,7 @@ class StagePool:
         for w in self._workers:
             if sent >= limit or not self.queue:
                 break
-            if w.item is not None or w.process.exitcode is not None:
+            if w.item is not None or w.exiting or w.process.exitcode is not None:
                 continue
             item = self.queue.popleft()
             w.item = item
@@ -233,6 +238,7 @@ class StagePool:
             mine["busy_s"] += message.busy_s
             self._on_done(self.name, message)
         elif isinstance(message, ItemFailure):
+            w.exiting = message.kind == "exit"
             self._attempt_failed(item, message)
         return True
 
@@ -278,6 +284,13 @@ class StagePool:
                 semaphore.release()
 
     def _attempt_failed(self, item: WorkItem, failure: ItemFailure) -> None:
+        if failure.kind == "output":
+            self.stats.failed += 1
+            self._on_failed(self.name, failure)
+            self._on_fatal(OutputError(f"stage {self.name!r}, item {item.key}: {failure.message}",
+                                       hint="free space or fix the disk, then run the same "
+                                       "command again: finished items are kept"))
+            return
         if item.attempt <= self.config.retries and not self._shared.stop_event.is_set():
             self.stats.retries += 1
             logger.warning("%s: item %s failed (attempt %d of %d): %s; retrying",

@@ -249,7 +249,8 @@ class Runner:
 
             pool = StagePool(name=name, config=stage_cfg, workers=workers, first_slot=first_slot,
                              mp=self._mp, shared=self._shared, spec=spec,
-                             on_done=self._on_stage_done, on_failed=self._on_item_failed)
+                             on_done=self._on_stage_done, on_failed=self._on_item_failed,
+                             on_fatal=self._stop_on_error)
             pool.start()
             self._pools.append(pool)
             first_slot += workers
@@ -266,6 +267,7 @@ class Runner:
                ) -> BaseProcess:
         process = self._mp.Process(target=target, name=name, args=args)
         process.start()
+        logger.info("started %s (pid %s)", name, process.pid)
         self._children.append(process)
         return process
 
@@ -498,6 +500,12 @@ class Runner:
             s.not_started += len(self._pools[0].queue)
             self._pools[0].queue.clear()
 
+    def _stop_on_error(self, error: MpipeError) -> None:
+        """The run cannot succeed, but what is in flight may still commit."""
+        logger.error("%s", error)
+        self._state.errors.append(error)
+        self._request_stop(grace_s=self.config.shutdown_grace_s)
+
     def _abort(self, error: MpipeError) -> None:
         """Nothing more can be committed: stop now."""
         s = self._state
@@ -543,7 +551,7 @@ class Runner:
                            skipped=s.skipped, failed=len(s.failures), not_started=s.not_started,
                            failures=s.failures, startup_s=self._startup_s)
         result.stages = {p.name: p.stats for p in self._pools}
-        self._teardown(grace_s=self.config.shutdown_grace_s)
+        self._teardown(grace_s=0 if s.hard_stop else self.config.shutdown_grace_s)
         if s.errors:
             result.status, result.error = "broken", s.errors[0]
         elif s.signal is not None:

@@ -14,6 +14,7 @@ on :class:`Shutdown`, on EOF from the runner, or when its lifeline breaks.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 import traceback
@@ -25,9 +26,15 @@ from typing import Any
 
 from mpipe import imports, procs
 from mpipe.context import SlotFlags, StageContext
+from mpipe.errors import OutputError
+from mpipe.outputs import output_error
 from mpipe.messages import ItemDone, ItemFailure, Shutdown, WorkItem, dumps, loads
 
 logger = logging.getLogger(__name__)
+
+# Errors no retry can fix and that every other item would meet too: the run
+# stops (exit 74) instead of failing item after item.
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +118,13 @@ def _run_one(
         return failure("pickle", f"the item's value could not be unpickled: {exc!r}", exc), None
     try:
         result = fn(value, ctx) if with_ctx else fn(value)
+    except OutputError as exc:
+        return failure("output", str(exc), exc), None
+    except OSError as exc:
+        if exc.errno in FATAL_ERRNOS:
+            return failure("output", str(output_error(exc, Path(exc.filename or "?"), "write")),
+                           exc), None
+        return failure("raised", f"{type(exc).__name__}: {exc}", exc), None
     except Exception as exc:
         return failure("raised", f"{type(exc).__name__}: {exc}", exc), None
     except BaseException as exc:

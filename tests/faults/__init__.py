@@ -1,0 +1,1 @@
+"""Fault-injection tests and the fault stages they name from YAML."""

@@ -81,3 +81,47 @@ def sleepy(value: Any, ctx: StageContext) -> Any:
     """Sleep ``params.sleep_s`` then do the notes work: for signal tests."""
     time.sleep(float(ctx.params.get("sleep_s", 0.5)))
     return notes.process_task(value, ctx)
+
+
+def source_with_unpicklable(ctx: Any) -> Any:
+    """The notes source, except that item 1's value cannot be pickled."""
+    from mpipe import Task
+
+    for i, task in enumerate(notes.tasks(ctx)):
+        yield Task(task.key, (lambda: None) if i == 1 else task.value, task.inputs, task.outputs)
+
+
+def raising_source(ctx: Any) -> Any:
+    """Yields two notes tasks, then raises."""
+    for i, task in enumerate(notes.tasks(ctx)):
+        if i == 2:
+            raise InjectedFault("the source broke")
+        yield task
+
+
+def consumer_killed_after(results: Any, ctx: Any) -> Any:
+    """Folds ``params.consumer_dies_after`` values, then SIGKILLs itself."""
+    total = notes.ExactSum()
+    for i, vector in enumerate(results):
+        if i == int(ctx.params["consumer_dies_after"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        total.add(vector)
+    return total.value()
+
+
+def consumer_raising(results: Any) -> Any:
+    for _ in results:
+        raise InjectedFault("the consumer broke")
+    return None
+
+
+def notes_with_eio_on_fsync(value: dict[str, int], ctx: StageContext) -> Any:
+    """The notes stage on a disk whose fsync fails with EIO for ``fault_key``."""
+    import errno
+
+    if ctx.key == ctx.params.get("fault_key"):
+        def failing_fsync(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        os.fsync = failing_fsync
+    return notes.process_task(value, ctx)

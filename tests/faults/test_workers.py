@@ -1,0 +1,154 @@
+"""Dead, stuck and misbehaving workers: detected, retried, reported; others go on."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import check_against_reference, make_inputs, mpipe, notes_config, start_mpipe
+
+FAULT_FN = "tests.faults.stages:notes_with_fault"
+
+
+def report(workdir: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((workdir / ".mpipe/notes/last-run.json").read_text())
+
+
+def fault_run(tmp_path: Path, fault: str, *, times: int | None = None, retries: int = 2,
+              timeout_s: float | None = None, tasks: int = 3):  # type: ignore[no-untyped-def]
+    make_inputs(tmp_path, tasks)
+    stage_extra = f"retries: {retries}\n" + (f"timeout_s: {timeout_s}\n" if timeout_s else "")
+    cfg = notes_config(tmp_path, tasks=tasks, repeat=0, workers=2, fn=FAULT_FN,
+                       stage_extra=stage_extra)
+    args = ["--set", f"params.fault={fault}", "--set", "params.fault_key=t001"]
+    if times is not None:
+        args += ["--set", f"params.fault_times={times}"]
+    return mpipe("run", cfg, *args)
+
+
+DEATHS = {
+    "sigkill": r"killed by SIGKILL.*out of memory",
+    "segfault": r"SIGSEGV",
+    "exit": r"exited with code 3",
+    "systemexit": r"SystemExit",
+    "keyboard": r"KeyboardInterrupt",
+}
+
+
+@pytest.mark.parametrize("fault", list(DEATHS))
+def test_worker_death_is_retried_on_a_fresh_worker(tmp_path: Path, fault: str) -> None:
+    proc = fault_run(tmp_path, fault, times=1)
+    assert proc.returncode == 0, proc.stderr
+    check_against_reference(tmp_path, 3, 0)
+    stats = report(tmp_path)["stages"]["compute"]
+    assert stats["retries"] == 1
+
+
+@pytest.mark.parametrize("fault", list(DEATHS))
+def test_worker_death_fails_the_item_with_its_cause(tmp_path: Path, fault: str) -> None:
+    proc = fault_run(tmp_path, fault, retries=1)
+    assert proc.returncode == 1, proc.stderr
+    doc = report(tmp_path)
+    [failure] = doc["failures"]
+    assert failure["key"] == "t001" and failure["stage"] == "compute"
+    assert re.search(DEATHS[fault], failure["message"]), failure["message"]
+    assert doc["stages"]["compute"]["retries"] == 1
+    assert doc["counts"]["committed"] == 2
+    check_against_reference(tmp_path, 3, 0, expect_tasks=[0, 2])
+
+
+def test_hung_item_is_killed_at_timeout_and_retried(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = fault_run(tmp_path, "hang", times=1, timeout_s=2)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 30
+    check_against_reference(tmp_path, 3, 0)
+    assert report(tmp_path)["stages"]["compute"]["timeouts"] == 1
+
+
+def test_hung_item_fails_for_good_after_retries(tmp_path: Path) -> None:
+    proc = fault_run(tmp_path, "hang", retries=1, timeout_s=1.5)
+    assert proc.returncode == 1, proc.stderr
+    [failure] = report(tmp_path)["failures"]
+    assert failure["kind"] == "timeout" and "timeout_s=1.5" in failure["message"]
+    check_against_reference(tmp_path, 3, 0, expect_tasks=[0, 2])
+
+
+def test_unpicklable_result_is_an_item_failure(tmp_path: Path) -> None:
+    proc = fault_run(tmp_path, "unpicklable", retries=0)
+    assert proc.returncode == 1, proc.stderr
+    [failure] = report(tmp_path)["failures"]
+    assert failure["kind"] == "pickle" and "cannot be pickled" in failure["message"]
+    check_against_reference(tmp_path, 3, 0, expect_tasks=[0, 2])
+
+
+def test_unpicklable_source_value_is_an_item_failure(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0)
+    proc = mpipe("run", cfg, "--set", "source.fn=tests.faults.stages:source_with_unpicklable")
+    assert proc.returncode == 1, proc.stderr
+    [failure] = report(tmp_path)["failures"]
+    assert failure["key"] == "t001" and failure["stage"] == "source"
+    assert "cannot be pickled" in failure["message"]
+    check_against_reference(tmp_path, 3, 0, expect_tasks=[0, 2])
+
+
+def test_source_that_raises_breaks_the_run_but_keeps_its_items(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0)
+    proc = mpipe("run", cfg, "--set", "source.fn=tests.faults.stages:raising_source")
+    assert proc.returncode == 3, proc.stderr
+    assert "the source broke" in proc.stderr
+    assert report(tmp_path)["counts"]["committed"] == 2
+
+
+def test_consumer_killed_ends_the_run_promptly(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 4)
+    cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2)
+    start = time.monotonic()
+    proc = mpipe("run", cfg, "--set", "consumer.fn=tests.faults.stages:consumer_killed_after",
+                 "--set", "params.consumer_dies_after=1")
+    assert proc.returncode == 3, proc.stderr
+    assert "consumer" in proc.stderr and "SIGKILL" in proc.stderr
+    assert time.monotonic() - start < 30
+    assert report(tmp_path)["status"] == "broken"
+
+
+def test_consumer_that_raises_is_reported_and_finished_items_commit(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0)
+    proc = mpipe("run", cfg, "--set", "consumer.fn=tests.faults.stages:consumer_raising")
+    assert proc.returncode == 3, proc.stderr
+    assert "the consumer broke" in proc.stderr
+    # Items are forwarded to the writer before the fold sees them.
+    again = mpipe("run", cfg)
+    assert again.returncode == 0, again.stderr
+    assert report(tmp_path)["counts"]["skipped"] >= 1
+    check_against_reference(tmp_path, 3, 0)
+
+
+def test_writer_killed_ends_the_run_promptly(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 6)
+    cfg = notes_config(tmp_path, tasks=6, repeat=0, workers=2, fn="tests.faults.stages:sleepy")
+    proc = start_mpipe("run", cfg, "--log-level", "INFO", "--set", "params.sleep_s=1")
+    writer_pid = None
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(r"started writer \(pid (\d+)\)", line)
+        if m:
+            writer_pid = int(m.group(1))
+            break
+    assert writer_pid is not None
+    import os
+
+    os.kill(writer_pid, signal.SIGKILL)
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert "writer" in err and "SIGKILL" in err
+    assert time.monotonic() - start < 30
