@@ -204,7 +204,8 @@ class Runner:
     def _start(self) -> None:
         cfg = self.config
         modules = sorted({fn.partition(":")[0] for fn in self._stage_fns()})
-        self._mp.set_forkserver_preload(["mpipe.worker", "numpy", *modules])
+        self._mp.set_forkserver_preload(
+            ["mpipe.forkserver_init", "mpipe.worker", "numpy", *modules])
         self._lifeline_r, self._lifeline_w = self._mp.Pipe(duplex=False)
         self.stop_event = self._mp.Event()
         self.results_lock = self._mp.Lock()

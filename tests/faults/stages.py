@@ -78,8 +78,12 @@ def notes_with_fault(value: dict[str, int], ctx: StageContext) -> Any:
 
 
 def sleepy(value: Any, ctx: StageContext) -> Any:
-    """Sleep ``params.sleep_s`` then do the notes work: for signal tests."""
-    time.sleep(float(ctx.params.get("sleep_s", 0.5)))
+    """Sleep ``$MPIPE_TEST_SLEEP_S`` (default 0.5) then do the notes work.
+
+    From the environment, not params: params are part of the items'
+    fingerprint, and a resumed run must see the same config.
+    """
+    time.sleep(float(os.environ.get("MPIPE_TEST_SLEEP_S", "0.5")))
     return notes.process_task(value, ctx)
 
 

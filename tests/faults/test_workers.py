@@ -135,7 +135,7 @@ def test_consumer_that_raises_is_reported_and_finished_items_commit(tmp_path: Pa
 def test_writer_killed_ends_the_run_promptly(tmp_path: Path) -> None:
     make_inputs(tmp_path, 6)
     cfg = notes_config(tmp_path, tasks=6, repeat=0, workers=2, fn="tests.faults.stages:sleepy")
-    proc = start_mpipe("run", cfg, "--log-level", "INFO", "--set", "params.sleep_s=1")
+    proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "1"})
     writer_pid = None
     assert proc.stderr is not None
     for line in proc.stderr:

@@ -1,0 +1,130 @@
+"""SIGINT / SIGTERM: stop taking items, let in-flight ones finish, commit, exit 130/143."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, check_against_reference, make_inputs, notes_config, start_mpipe
+
+SLEEPY = "tests.faults.stages:sleepy"
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def first_output(workdir: Path) -> bool:
+    out = workdir / "output"
+    return out.exists() and any(".mpipe-" not in p.name for p in out.iterdir())
+
+
+def report(workdir: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((workdir / ".mpipe/notes/last-run.json").read_text())
+
+
+@pytest.mark.parametrize(("signum", "code", "group"), [
+    (signal.SIGINT, 130, False),
+    (signal.SIGTERM, 143, False),
+    (signal.SIGINT, 130, True),   # Ctrl-C: the whole foreground process group
+    (signal.SIGTERM, 143, True),  # systemd's KillMode=control-group
+])
+def test_signal_commits_what_finished_then_resume_completes(
+    tmp_path: Path, signum: int, code: int, group: bool
+) -> None:
+    make_inputs(tmp_path, 8)
+    cfg = notes_config(tmp_path, tasks=8, repeat=0, workers=2, fn=SLEEPY)
+    proc = start_mpipe("run", cfg, env={"MPIPE_TEST_SLEEP_S": "0.6"}, start_new_session=True)
+    wait_for(lambda: first_output(tmp_path))
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    doc = report(tmp_path)
+    assert doc["status"] == "interrupted"
+    committed = doc["counts"]["committed"]
+    assert 1 <= committed < 8
+    # In-flight items were allowed to finish: nothing finished was lost.
+    done = sorted(p.name for p in (tmp_path / "output").iterdir())
+    assert len(done) == committed, (done, doc["counts"])
+
+    again = subprocess.run([sys.executable, "-m", "mpipe", "run", str(cfg)],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO),
+                                "MPIPE_TEST_SLEEP_S": "0"})
+    assert again.returncode == 0, again.stderr
+    assert report(tmp_path)["counts"]["skipped"] == committed
+    check_against_reference(tmp_path, 8, 0)
+
+
+def test_second_sigint_stops_at_once(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 4)
+    cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2, fn=SLEEPY,
+                       extra="shutdown_grace_s: 120\n")
+    proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "60"})
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "started producer" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert time.monotonic() - start < 10
+
+
+def test_runner_killed_leaves_no_worker(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 4)
+    cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=3, fn=SLEEPY)
+    proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "60"})
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "started producer" in line:
+            break
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 5  # 3 workers, consumer, writer, producer, forkserver...
+    proc.kill()
+    proc.communicate(timeout=10)
+    # They notice their lifeline break and exit on their own, promptly.
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.pid for p in alive]
+
+
+def test_sigterm_as_pid_1_in_a_container(tmp_path: Path) -> None:
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "true"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a PID namespace here: {probe.stderr.decode().strip()}")
+    make_inputs(tmp_path, 6)
+    cfg = notes_config(tmp_path, tasks=6, repeat=0, workers=2, fn=SLEEPY)
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "mpipe", "run",
+         str(cfg)],
+        env={**os.environ, "PYTHONPATH": str(REPO), "MPIPE_TEST_SLEEP_S": "0.6"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: first_output(tmp_path))
+    [runner] = psutil.Process(proc.pid).children()  # PID 1 inside the namespace
+    with open(f"/proc/{runner.pid}/status") as f:
+        nspid = [line.split()[-1] for line in f if line.startswith("NSpid:")]
+    assert nspid == ["1"], nspid
+    os.kill(runner.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert report(tmp_path)["status"] == "interrupted"
