@@ -17,7 +17,7 @@ from typing import Any
 
 from mpipe import __version__
 from mpipe.config import LoadedConfig, load_config
-from mpipe.errors import ConfigError, MpipeError
+from mpipe.errors import MpipeError
 
 logger = logging.getLogger("mpipe")
 

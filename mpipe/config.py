@@ -144,7 +144,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> LoadedConfig
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     lines, raw = _parse_yaml(text, path)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
+        kind = type(raw).__name__
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {kind}")
     raw = _interpolate_env(raw, path, lines)
     for item in overrides:
         key = _apply_override(raw, item)
@@ -220,7 +221,8 @@ def _interpolate_env(value: Any, path: Path, lines: Mapping[str, int], key: str 
 def _apply_override(raw: dict[str, Any], item: str) -> str:
     """Apply one ``--set dotted.key=value``; the value is parsed as YAML."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.compute.workers=2")
+        raise ConfigError(
+            f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.compute.workers=2")
     dotted, text = item.split("=", 1)
     parts = dotted.strip().split(".")
     if not all(parts):

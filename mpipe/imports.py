@@ -45,10 +45,7 @@ def is_allowed(module: str, allowed: Sequence[str], base_dir: Path) -> bool:
     locations = [spec.origin] if spec.origin else []
     locations += list(spec.submodule_search_locations or [])
     base = base_dir.resolve()
-    for location in locations:
-        if location and Path(location).resolve().is_relative_to(base):
-            return True
-    return False
+    return any(Path(loc).resolve().is_relative_to(base) for loc in locations if loc)
 
 
 def resolve(name: str, key: str, allowed: Sequence[str], base_dir: Path, *,

@@ -64,9 +64,26 @@ def atomic_dir(final: Path, *, fsync: bool) -> Iterator[Path]:
         _replace_dir(tmp, final)
         if fsync:
             fsync_path(final.parent, directory=True)
+    except OSError as exc:
+        full = exc.errno is None and _nearly_full(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            # numpy's tofile()/save() report a short fwrite as a bare
+            # "N requested and M written" OSError, without errno: name the
+            # real cause, so the run stops instead of retrying on a full disk.
+            raise output_error(OSError(errno.ENOSPC, str(exc)), final, "write") from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

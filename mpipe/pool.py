@@ -15,6 +15,7 @@ it held are released on its behalf, and a fresh worker takes its place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -211,11 +212,11 @@ class StagePool:
 
     # ---------------------------------------------------------------- events
 
-    def wait_objects(self) -> dict[Any, Callable[[], None]]:
-        handlers: dict[Any, Callable[[], None]] = {}
+    def wait_objects(self) -> dict[Any, Callable[[], object]]:
+        handlers: dict[Any, Callable[[], object]] = {}
         for w in self._workers:
-            handlers[w.conn] = lambda w=w: None if self._on_message(w) else None
-            handlers[w.process.sentinel] = lambda w=w: self._on_exit(w)
+            handlers[w.conn] = functools.partial(self._on_message, w)
+            handlers[w.process.sentinel] = functools.partial(self._on_exit, w)
         return handlers
 
     def _on_message(self, w: _Worker) -> bool:

@@ -303,9 +303,9 @@ class Runner:
                 pool.expire(now)
             self._advance(now)
 
-    def _wait_objects(self) -> dict[Any, Callable[[], None]]:
+    def _wait_objects(self) -> dict[Any, Callable[[], object]]:
         s = self._state
-        handlers: dict[Any, Callable[[], None]] = {self._wake_r: self._on_wakeup}
+        handlers: dict[Any, Callable[[], object]] = {self._wake_r: self._on_wakeup}
         # Read the source only while the first stage's queue has room: the
         # producer then blocks on the full source queue (backpressure).
         first = self._pools[0]
@@ -455,7 +455,8 @@ class Runner:
             pass
         s.consumer_exited = True
         if s.total is None and not s.errors and not s.hard_stop:
-            raise PipelineBrokenError(f"the consumer {procs.describe_exit(self._consumer.exitcode)}")
+            how = procs.describe_exit(self._consumer.exitcode)
+            raise PipelineBrokenError(f"the consumer {how}")
 
     def _on_writer_message(self) -> bool:
         try:
@@ -591,8 +592,8 @@ class Runner:
             result.status, result.error = "broken", error
         elif sealer.exitcode != 0:
             result.status = "broken"
-            result.error = PipelineBrokenError(
-                f"sealing the results file failed: the process {procs.describe_exit(sealer.exitcode)}")
+            how = procs.describe_exit(sealer.exitcode)
+            result.error = PipelineBrokenError(f"sealing the results file failed: it {how}")
         else:
             result.results_path = str(self.paths.results)
 

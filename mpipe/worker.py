@@ -27,8 +27,8 @@ from typing import Any
 from mpipe import imports, procs
 from mpipe.context import SlotFlags, StageContext
 from mpipe.errors import OutputError
-from mpipe.outputs import output_error
 from mpipe.messages import ItemDone, ItemFailure, Shutdown, WorkItem, dumps, loads
+from mpipe.outputs import output_error
 
 logger = logging.getLogger(__name__)
 

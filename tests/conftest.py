@@ -91,8 +91,8 @@ def make_inputs(workdir: Path, tasks: int, seed: int = 0) -> None:
 
 
 def notes_config(workdir: Path, *, tasks: int, repeat: int = 1, workers: int = 2,
-                 extra: str = "", stage_extra: str = "", fn: str = "mpipe.workloads.notes:process_task",
-                 ) -> Path:
+                 extra: str = "", stage_extra: str = "",
+                 fn: str = "mpipe.workloads.notes:process_task") -> Path:
     cfg = workdir / "pipeline.yaml"
     cfg.write_text(textwrap.dedent(f"""\
         pipeline: notes

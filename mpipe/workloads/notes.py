@@ -133,7 +133,8 @@ def tasks(ctx: Any) -> Iterator[Task]:
 @lru_cache(maxsize=4)
 def gain(n: int) -> np.ndarray[Any, Any]:
     f = np.fft.rfftfreq(n)
-    return np.exp(-((f / CUTOFF) ** 2))
+    g: np.ndarray[Any, Any] = np.exp(-((f / CUTOFF) ** 2))
+    return g
 
 
 def low_pass(x: np.ndarray[Any, Any], repeat: int) -> np.ndarray[Any, Any]:

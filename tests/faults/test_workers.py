@@ -152,3 +152,13 @@ def test_writer_killed_ends_the_run_promptly(tmp_path: Path) -> None:
     assert proc.returncode == 3, err
     assert "writer" in err and "SIGKILL" in err
     assert time.monotonic() - start < 30
+
+
+def test_workers_that_die_at_start_stop_the_run(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0, fn="tests.faults.startup_crash:process")
+    start = time.monotonic()
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 3, proc.stderr
+    assert "5 workers in a row died without finishing an item" in proc.stderr
+    assert time.monotonic() - start < 60

@@ -1,0 +1,135 @@
+"""Bad inputs fail their item with the file named; bad disks stop the run cleanly."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import check_against_reference, make_inputs, mpipe, notes_config
+
+
+def report(workdir: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((workdir / ".mpipe/notes/last-run.json").read_text())
+
+
+def replace_file(path: Path, data: bytes | None) -> None:
+    path.unlink()  # never write into the hard-linked cache file
+    if data is not None:
+        path.write_bytes(data)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+CORRUPTIONS = {
+    "missing": (lambda p: replace_file(p, None), "is missing"),
+    "zero-byte": (lambda p: replace_file(p, b""), "not a valid .npy"),
+    "truncated": (lambda p: replace_file(p, p.read_bytes()[:5000]), "truncated"),
+    "wrong-shape": (lambda p: replace_file(p, npy_bytes(np.zeros((10, 3), np.float32))),
+                    "expected float32[325120]"),
+    "wrong-dtype": (lambda p: replace_file(p, npy_bytes(np.zeros(325120, np.float64))),
+                    "float64"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_bad_input_fails_its_task_with_the_file_named(tmp_path: Path, kind: str) -> None:
+    make_inputs(tmp_path, 3)
+    corrupt, expected = CORRUPTIONS[kind]
+    bad = tmp_path / "input/t001/ch07.npy"
+    corrupt(bad)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0, stage_extra="retries: 0\n")
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 1, proc.stderr
+    [failure] = report(tmp_path)["failures"]
+    assert failure["key"] == "t001"
+    assert str(bad) in failure["message"] and expected in failure["message"], failure["message"]
+    check_against_reference(tmp_path, 3, 0, expect_tasks=[0, 2])
+    assert not (tmp_path / "output/t001").exists()
+
+
+def test_unwritable_output_dir_is_found_before_any_compute(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 2)
+    (tmp_path / "output").write_text("a file where the output directory should be")
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 74, proc.stderr
+    assert "output" in proc.stderr and "cannot" in proc.stderr
+    assert not (tmp_path / ".mpipe/notes/ledger.sqlite").exists()
+
+
+def test_output_dir_symlinked_outside_the_workdir_is_refused(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    make_inputs(work, 1)
+    (tmp_path / "elsewhere").mkdir()
+    (work / "output").symlink_to(tmp_path / "elsewhere")
+    proc = mpipe("run", notes_config(work, tasks=1, repeat=0))
+    assert proc.returncode == 2, proc.stderr
+    assert "output_dirs.0" in proc.stderr and "outside the workdir" in proc.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "output"
+    mount.mkdir()
+    # Room for two tasks' outputs (26 x 1.3 MB each) and not a third.
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80M", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_stops_the_run_with_nothing_half_written(tmp_path: Path,
+                                                          small_disk: Path) -> None:
+    make_inputs(tmp_path, 5)
+    cfg = notes_config(tmp_path, tasks=5, repeat=0, workers=1)
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 74, proc.stderr
+    assert "No space left on device" in proc.stderr
+    finished = sorted(p.name for p in small_disk.iterdir())
+    assert not [n for n in finished if ".mpipe-" in n], finished
+    for name in finished:  # every task directory there is complete
+        assert len(list((small_disk / name).iterdir())) == 26
+    doc = report(tmp_path)
+    assert doc["counts"]["committed"] == len(finished) >= 1
+    check_against_reference_partial(tmp_path, [int(n[1:]) for n in finished])
+
+
+def check_against_reference_partial(workdir: Path, tasks: list[int]) -> None:
+    from tests.conftest import reference
+
+    ref = reference(5, 0)
+    for t in tasks:
+        for c in range(26):
+            name = f"output/t{t:03d}/ch{c:02d}.npy"
+            assert (workdir / name).read_bytes() == ref.files[name]
+
+
+def test_eio_on_fsync_is_fatal_and_leaves_no_output(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0, workers=1,
+                       fn="tests.faults.stages:notes_with_eio_on_fsync")
+    proc = mpipe("run", cfg, "--set", "params.fault_key=t001")
+    assert proc.returncode == 74, proc.stderr
+    assert "Input/output error" in proc.stderr and "t001" in proc.stderr
+    assert not (tmp_path / "output/t001").exists()
+    assert not [p for p in (tmp_path / "output").iterdir() if ".mpipe-" in p.name]
+    # Fix the "disk" and run again: t001 (and anything not reached) is done.
+    again = mpipe("run", cfg, "--set", "params.fault_key=none",
+                  "--set", "stages.compute.fn=mpipe.workloads.notes:process_task")
+    assert again.returncode == 0, again.stderr
+    check_against_reference(tmp_path, 3, 0)
