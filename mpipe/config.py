@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mpipe.errors import ConfigError
 
@@ -43,8 +50,22 @@ class SourceConfig(_Strict):
     queue_size: int = Field(16, ge=1, description="bound of the producer -> first stage queue")
 
 
+class DaskConfig(_Strict):
+    """Where a ``dask`` stage runs: an existing scheduler, or a LocalCluster."""
+
+    address: str | None = Field(None, description="tcp://host:8786 of a running scheduler")
+    local_workers: int | None = Field(None, ge=1, description="start a LocalCluster of N")
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class BackendConfig(_Strict):
+    dask: DaskConfig
+
+
 class StageConfig(_Strict):
     fn: str = Field(pattern=FN_PATTERN)
+    backend: Literal["local", "dask"] | None = Field(
+        None, description="where this stage runs; default: the pipeline's backend")
     workers: int | Literal["auto"] = "auto"
     queue_size: int = Field(8, ge=1, description="bound of this stage's input queue")
     io_slots: int | None = Field(None, ge=1, description="workers in file IO at once")
@@ -84,6 +105,20 @@ class PipelineConfig(_Strict):
     allowed_modules: list[str] = Field(default_factory=lambda: ["mpipe.workloads"])
     allow_outside_workdir: bool = False
     output_dirs: list[str] = Field(default_factory=list)
+    backend: Literal["local"] | BackendConfig = "local"
+
+    @model_validator(mode="after")
+    def _dask_stages_need_a_cluster(self) -> PipelineConfig:
+        for name, stage in self.stages.items():
+            if stage.backend == "dask" and not isinstance(self.backend, BackendConfig):
+                raise ValueError(
+                    f"stages.{name}.backend is dask, but there is no top-level "
+                    "backend: {dask: {address: ...}} or {dask: {local_workers: N}}")
+        if isinstance(self.backend, BackendConfig):
+            d = self.backend.dask
+            if (d.address is None) == (d.local_workers is None):
+                raise ValueError("backend.dask needs exactly one of address or local_workers")
+        return self
 
     @field_validator("stages")
     @classmethod
@@ -118,6 +153,13 @@ class LoadedConfig:
     def worker_count(self, stage: str) -> int:
         workers = self.config.stages[stage].workers
         return cpu_count() if workers == "auto" else workers
+
+    def stage_backend(self, stage: str) -> str:
+        """"local" or "dask" for one stage."""
+        chosen = self.config.stages[stage].backend
+        if chosen is not None:
+            return chosen
+        return "local" if self.config.backend == "local" else "dask"
 
     def cpu_slot_count(self) -> int:
         return self.config.cpu_slots or cpu_count()
@@ -271,6 +313,8 @@ def _describe_validation(exc: ValidationError, path: Path, lines: Mapping[str, i
             text = "unknown key (check its spelling against the README's YAML reference)"
         elif kind == "missing":
             text = "required key is missing"
+        elif not key or isinstance(got, dict):
+            text = error["msg"].removeprefix("Value error, ")
         else:
             text = f"{error['msg'].removeprefix('Value error, ')} (got {got!r})"
         line = f"{key}: {text}{_where(path, lines, key)}" if key else f"{text}, {path.name}"

@@ -105,6 +105,7 @@ class ItemDone:
     busy_s: float
     io_s: float
     cpu_wait_s: float
+    started_at: float = 0.0  # wall clock (time.time()), for the run's timeline
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event, Semaphore
-from typing import Any
+from typing import Any, Protocol
 
 from mpipe import procs
 from mpipe.config import StageConfig
@@ -51,7 +51,38 @@ class StageStats:
     busy_s: float = 0.0
     io_s: float = 0.0
     cpu_wait_s: float = 0.0
+    starved_s: float = 0.0  # worker-seconds idle because the input queue was empty
+    blocked_s: float = 0.0  # seconds with input waiting but no room downstream
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
+    # (worker, key, started_at, busy_s, io_s, cpu_wait_s) per finished item,
+    # for the timeline plot; capped so a million-item run stays small.
+    timeline: list[tuple[str, str, float, float, float, float]] = field(default_factory=list)
+
+
+TIMELINE_CAP = 50_000
+
+
+class Pool(Protocol):
+    """What the runner needs of a stage's executor (local processes or Dask)."""
+
+    name: str
+    config: StageConfig
+    size: int
+    queue: deque[WorkItem]
+    stats: StageStats
+
+    def start(self) -> None: ...
+    def processes(self) -> list[BaseProcess]: ...
+    def shutdown(self, grace_s: float) -> None: ...
+    @property
+    def in_flight(self) -> int: ...
+    def idle(self) -> int: ...
+    def busy_workers(self) -> list[str]: ...
+    def dispatch(self, limit: int) -> int: ...
+    def next_deadline(self) -> float | None: ...
+    def expire(self, now: float) -> None: ...
+    def forget_items(self) -> None: ...
+    def wait_objects(self) -> dict[Any, Callable[[], object]]: ...
 
 
 @dataclass
@@ -237,6 +268,9 @@ class StagePool:
             mine = self.stats.per_worker.setdefault(message.worker, {"items": 0, "busy_s": 0.0})
             mine["items"] += 1
             mine["busy_s"] += message.busy_s
+            if len(self.stats.timeline) < TIMELINE_CAP:
+                self.stats.timeline.append((message.worker, message.key, message.started_at,
+                                            message.busy_s, message.io_s, message.cpu_wait_s))
             self._on_done(self.name, message)
         elif isinstance(message, ItemFailure):
             w.exiting = message.kind == "exit"

@@ -60,6 +60,7 @@ class ProducerSpec:
     config_fingerprint: str
     ledger_path: str | None  # None: --fresh, or nothing committed yet
     log_level: int
+    limit: int | None = None  # --limit: stop after this many items
 
 
 def producer_main(
@@ -74,7 +75,7 @@ def producer_main(
         seen: set[str] = set()
         items = imports.call_with_optional_context(fn, ctx=ctx)
         for index, raw in enumerate(items):
-            if stop_event.is_set():
+            if stop_event.is_set() or (spec.limit is not None and index >= spec.limit):
                 break
             task = raw if isinstance(raw, Task) else Task(key=str(index), value=raw)
             if task.key in seen:

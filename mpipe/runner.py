@@ -67,7 +67,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from mpipe import imports, outputs, procs
 from mpipe.config import LoadedConfig
@@ -79,6 +79,7 @@ from mpipe.errors import (
     OutputError,
     PipelineBrokenError,
 )
+from mpipe.ledger import Ledger
 from mpipe.messages import (
     Committed,
     ConsumerDone,
@@ -94,7 +95,7 @@ from mpipe.messages import (
     dumps,
     loads,
 )
-from mpipe.pool import Shared, StagePool
+from mpipe.pool import Pool, Shared, StagePool
 from mpipe.producer import ProducerSpec, SourceContext, producer_main
 from mpipe.runlock import RunLock
 from mpipe.state import RunPaths, config_fingerprint, run_metadata
@@ -105,6 +106,13 @@ logger = logging.getLogger(__name__)
 
 # How long the consumer and writer get to finish after the last item is in.
 SINK_DEADLINE_S = 120.0
+
+
+class ProgressReporter(Protocol):
+    """Shows a run's progress; ``snapshot()`` returns :meth:`Runner.snapshot`."""
+
+    def start(self, snapshot: Callable[[], dict[str, Any]]) -> None: ...
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -129,9 +137,14 @@ class Runner:
 
     def __init__(self, loaded: LoadedConfig, *, fresh: bool = False,
                  log_level: int = logging.WARNING,
-                 prepare: Callable[..., Any] | None = None) -> None:
+                 prepare: Callable[..., Any] | None = None,
+                 limit: int | None = None,
+                 progress: ProgressReporter | None = None) -> None:
         self.loaded = loaded
         self._prepare = prepare
+        self._limit = limit
+        self._progress = progress
+        self._dask: Any = None
         self.config = loaded.config
         self.paths = RunPaths.for_config(loaded)
         self.fresh = fresh
@@ -139,7 +152,7 @@ class Runner:
         self._lock = RunLock(self.paths.lock)
         self._mp = get_context("forkserver")
         self._children: list[BaseProcess] = []
-        self._pools: list[StagePool] = []
+        self._pools: list[Pool] = []
         self._signals: list[int] = []
         self._old_handlers: dict[int, Any] = {}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -185,6 +198,10 @@ class Runner:
         outputs.check_writable(self.paths.ledger.parent)
         for extra in self.paths.output_dirs:
             outputs.check_writable(extra)
+        # Create the ledger's schema before any child starts: the producer
+        # reads it while the writer opens it, and must never see a half-made
+        # database.  Closed at once: no connection crosses into a child.
+        Ledger(self.paths.ledger, fsync=self.config.fsync).close()
 
     def _install_signal_handlers(self) -> None:
         self._wake_r.setblocking(False)
@@ -248,10 +265,14 @@ class Runner:
                 return WorkerSpec(stage, worker_name, slot, fn, params, workdir, cfg.fsync,
                                   cfg.allow_outside_workdir, self.log_level)
 
-            pool = StagePool(name=name, config=stage_cfg, workers=workers, first_slot=first_slot,
-                             mp=self._mp, shared=self._shared, spec=spec,
-                             on_done=self._on_stage_done, on_failed=self._on_item_failed,
-                             on_fatal=self._stop_on_error)
+            pool: Pool
+            if self.loaded.stage_backend(name) == "dask":
+                pool = self._dask_pool(name, spec("dask", 0))
+            else:
+                pool = StagePool(name=name, config=stage_cfg, workers=workers,
+                                 first_slot=first_slot, mp=self._mp, shared=self._shared,
+                                 spec=spec, on_done=self._on_stage_done,
+                                 on_failed=self._on_item_failed, on_fatal=self._stop_on_error)
             pool.start()
             self._pools.append(pool)
             first_slot += workers
@@ -260,9 +281,24 @@ class Runner:
         ledger = None if self.fresh else str(self.paths.ledger)
         self._producer = self._spawn("producer", producer_main, (
             ProducerSpec(cfg.source.fn, params, workdir, cfg.allow_outside_workdir,
-                         config_fingerprint(cfg), ledger, self.log_level),
+                         config_fingerprint(cfg), ledger, self.log_level, self._limit),
             self._source_queue, self._lifeline_r, self.stop_event))
         self._startup_s = time.monotonic() - self._t0
+
+    def _dask_pool(self, name: str, spec: WorkerSpec) -> Pool:
+        """A stage run on Dask: same callbacks, same retry and timeout policy."""
+        from mpipe import dask_backend  # never imported by the local backend
+
+        backend = self.config.backend
+        assert not isinstance(backend, str)
+        if self._dask is None:
+            self._dask = dask_backend.connect(backend.dask)
+        workers = self.loaded.config.stages[name].workers
+        return dask_backend.DaskStagePool(
+            name=name, config=self.config.stages[name],
+            workers=None if workers == "auto" else workers, session=self._dask, spec=spec,
+            on_done=self._on_stage_done, on_failed=self._on_item_failed,
+            on_fatal=self._stop_on_error)
 
     def _spawn(self, name: str, target: Callable[..., None], args: tuple[Any, ...]
                ) -> BaseProcess:
@@ -282,8 +318,33 @@ class Runner:
     def run(self) -> RunResult:
         """Run to the end; return what happened (never raises item failures)."""
         self._state = _State(self.config.stages)
-        self._loop()
+        if self._progress is not None:
+            self._progress.start(self.snapshot)
+        try:
+            self._loop()
+        finally:
+            if self._progress is not None:
+                self._progress.stop()
         return self._finish()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for a progress display (read from another thread: plain ints)."""
+        s = self._state
+        return {
+            "elapsed_s": time.monotonic() - self._t0,
+            "produced": s.produced,
+            "producer_ended": s.producer_ended,
+            "committed": s.committed,
+            "skipped": s.skipped,
+            "failed": len(s.failures),
+            "stopping": s.stopping,
+            "stages": [
+                {"name": p.name, "workers": p.size, "busy": p.in_flight, "queue": len(p.queue),
+                 "queue_size": p.config.queue_size, "done": p.stats.done,
+                 "failed": p.stats.failed, "retries": p.stats.retries}
+                for p in list(self._pools)
+            ],
+        }
 
     def _loop(self) -> None:
         s = self._state
@@ -291,7 +352,17 @@ class Runner:
             self._dispatch()
             handlers = self._wait_objects()
             timeout = self._next_timeout()
+            before = time.monotonic()
+            states = [(p, p.idle(), not p.queue, self._blocked(k))
+                      for k, p in enumerate(self._pools)]
             ready = wait(list(handlers), timeout)
+            # States change only at events, so this accounting is exact.
+            dt = time.monotonic() - before
+            for p, idle, empty, blocked in states:
+                if idle and empty:
+                    p.stats.starved_s += idle * dt
+                elif blocked:
+                    p.stats.blocked_s += dt
             for obj in ready:
                 if obj in handlers:
                     try:
@@ -337,6 +408,20 @@ class Runner:
 
     # ---------------------------------------------------------------- dispatching
 
+    def _room_after(self, k: int) -> int:
+        """How many more items stage ``k`` may start: its results need a place."""
+        s = self._state
+        pool = self._pools[k]
+        if k + 1 < len(self._pools):
+            nxt = self._pools[k + 1]
+            return nxt.config.queue_size - len(nxt.queue) - pool.in_flight
+        return (self.config.writer.queue_size - len(s.sink_pending) - s.sink_in_flight
+                - pool.in_flight)
+
+    def _blocked(self, k: int) -> bool:
+        pool = self._pools[k]
+        return bool(pool.queue) and pool.idle() > 0 and self._room_after(k) <= 0
+
     def _dispatch(self) -> None:
         s = self._state
         # Downstream first, so finished work leaves before new work enters.
@@ -344,12 +429,7 @@ class Runner:
             pool = self._pools[k]
             if s.stopping and k == 0:
                 continue  # stop taking new items
-            if k + 1 < len(self._pools):
-                nxt = self._pools[k + 1]
-                room = nxt.config.queue_size - len(nxt.queue) - pool.in_flight
-            else:
-                room = self.config.writer.queue_size - len(s.sink_pending) - s.sink_in_flight \
-                    - pool.in_flight
+            room = self._room_after(k)
             if room > 0 and pool.queue:
                 pool.dispatch(room)
         while s.sink_pending and s.sink_in_flight < self.config.writer.queue_size:
@@ -623,6 +703,9 @@ class Runner:
                 getattr(self, q).cancel_join_thread()
         self._children.clear()
         self._pools.clear()
+        if self._dask is not None:
+            self._dask.close()
+            self._dask = None
         self._restore_signal_handlers()
         self._lock.release()
 

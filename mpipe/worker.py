@@ -98,6 +98,7 @@ def _run_one(
     fn: Any, with_ctx: bool, ctx: StageContext, item: WorkItem
 ) -> tuple[ItemDone | ItemFailure, int | None]:
     ctx.key, ctx.attempt, ctx.io_s, ctx.cpu_wait_s = item.key, item.attempt, 0.0, 0.0
+    started_at = time.time()
     start = time.perf_counter()
 
     def failure(kind: str, message: str, exc: BaseException | None = None) -> ItemFailure:
@@ -144,6 +145,7 @@ def _run_one(
         busy_s=time.perf_counter() - start,
         io_s=ctx.io_s,
         cpu_wait_s=ctx.cpu_wait_s,
+        started_at=started_at,
     )
     return done, None
 
