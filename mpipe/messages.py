@@ -15,9 +15,10 @@ message            from -> to             meaning
 ``SkippedItem``    producer -> runner     committed by an earlier run: not redone
 ``SourceFailed``   producer -> runner     the source function raised
 ``EndOfStream``    any -> its readers     one per reader; readers count them
-``WorkItem``       runner -> worker       run this stage on this value
-``ItemDone``       worker -> runner       the stage returned
-``ItemFailure``    worker -> runner       the stage raised / pickling failed
+``WorkBatch``      runner -> worker       run the stage on these ``WorkItem``s
+``ReplyBatch``     worker -> runner       their outcomes, in order:
+``ItemDone``                              the stage returned
+``ItemFailure``                           the stage raised / pickling failed
 ``SinkItem``       runner -> consumer     a finished item, -> writer
 ``Committed``      writer -> runner       these keys are durable
 ``ConsumerDone``   consumer -> runner     the consumer's final value
@@ -97,6 +98,13 @@ class WorkItem:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkBatch:
+    """Runner -> worker: items to run in order (one, or several for quick stages)."""
+
+    items: tuple[WorkItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ItemDone:
     index: int
     key: str
@@ -125,6 +133,13 @@ class ItemFailure:
     message: str
     traceback: str = ""
     exception: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyBatch:
+    """Worker -> runner: outcomes of items, in the order they were run."""
+
+    replies: tuple[ItemDone | ItemFailure, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,28 @@
 """One stage's workers, its bounded input queue, and its retry policy.
 
 The runner owns one :class:`StagePool` per stage.  The pool starts ``workers``
-processes, hands each at most one item at a time over its own pipe, and turns
-every way an attempt can end into one of two callbacks:
+processes, hands items to each over its own pipe, and turns every way an
+attempt can end into one of two callbacks:
 
 * ``on_done(stage, ItemDone)``: the stage returned;
 * ``on_failed(stage, ItemFailure)``: the item failed for good, after
   ``retries`` further attempts on fresh or idle workers.
 
 A worker's death is seen at once through its ``process.sentinel`` (the runner
-waits on it), never by polling.  Its held item is retried, the semaphore slots
-it held are released on its behalf, and a fresh worker takes its place.
+waits on it), never by polling.  The item it was running is retried, the
+semaphore slots it held are released on its behalf, and a fresh worker takes
+its place.
+
+**Prefetch.**  A worker that must ask for each item waits a round trip through
+the runner between items: nothing for an item of a second, most of the time for
+an item of 50 microseconds.  So the pool measures how long the stage's items
+take and lets each worker hold up to ``depth`` items (1 for slow items, up to 64
+for trivial ones), and workers batch their replies likewise.  The runner still
+knows every item a worker holds, and each worker writes the index of the item
+it is running into shared memory, so a death is charged to that item alone;
+the others it held are handed out again without losing an attempt.  A stage
+with ``timeout_s`` keeps depth 1, so that an item's deadline starts when the
+item does.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ from mpipe import procs
 from mpipe.config import StageConfig
 from mpipe.context import CPU_FLAG, IO_FLAG
 from mpipe.errors import MpipeError, OutputError, PipelineBrokenError
-from mpipe.messages import ItemDone, ItemFailure, Shutdown, WorkItem
+from mpipe.messages import ItemDone, ItemFailure, ReplyBatch, Shutdown, WorkBatch, WorkItem
 from mpipe.worker import WorkerSpec, worker_main
 
 logger = logging.getLogger(__name__)
@@ -60,6 +72,7 @@ class StageStats:
 
 
 TIMELINE_CAP = 50_000
+MAX_PREFETCH = 64
 
 
 class Pool(Protocol):
@@ -91,8 +104,8 @@ class _Worker:
     slot: int
     process: BaseProcess
     conn: Connection
-    item: WorkItem | None = None
-    deadline: float | None = None
+    held: deque[WorkItem] = field(default_factory=deque)
+    deadline: float | None = None  # of held[0]; only with timeout_s (depth 1)
     killed: bool = False  # by us, for a timeout: not a crash
     exiting: bool = False  # its stage raised SystemExit: it is on its way out
 
@@ -105,6 +118,7 @@ class Shared:
     cpu_semaphore: Semaphore
     stop_event: Event
     flags: Any  # RawArray('b', 2 * slots): [io_held, cpu_held] per worker slot
+    running: Any  # RawArray('q', slots): index of the item the worker runs, -1 if none
 
 
 class StagePool:
@@ -138,6 +152,8 @@ class StagePool:
         self._slots = list(range(first_slot, first_slot + workers))
         self._crash_streak = 0
         self._serial = 0
+        self._depth = 1
+        self._mean_busy_s: float | None = None
 
     # ----------------------------------------------------------------- life cycle
 
@@ -146,6 +162,7 @@ class StagePool:
             self._start_worker(slot)
 
     def _start_worker(self, slot: int) -> None:
+        self._shared.running[slot] = -1
         self._serial += 1
         name = f"{self.name}-{self._serial}"
         runner_end, worker_end = self._mp.Pipe(duplex=True)
@@ -160,6 +177,7 @@ class StagePool:
                 self._shared.cpu_semaphore,
                 self._shared.stop_event,
                 self._shared.flags,
+                self._shared.running,
             ),
         )
         process.start()
@@ -186,60 +204,78 @@ class StagePool:
 
     @property
     def in_flight(self) -> int:
-        return sum(1 for w in self._workers if w.item is not None)
+        return sum(len(w.held) for w in self._workers)
+
+    def _available(self, w: _Worker) -> bool:
+        return not w.exiting and w.process.exitcode is None
 
     def idle(self) -> int:
-        return sum(1 for w in self._workers
-                   if w.item is None and not w.exiting and w.process.exitcode is None)
+        return sum(1 for w in self._workers if not w.held and self._available(w))
 
     def busy_workers(self) -> list[str]:
-        return [w.name for w in self._workers if w.item is not None]
+        return [w.name for w in self._workers if w.held]
 
     def dispatch(self, limit: int) -> int:
-        """Hand queued items to idle workers, at most ``limit``; return how many."""
+        """Hand queued items to workers with room, at most ``limit``; return how many."""
         sent = 0
-        for w in self._workers:
-            if sent >= limit or not self.queue:
-                break
-            if w.item is not None or w.exiting or w.process.exitcode is not None:
+        # Least loaded first: an idle worker gets work before a busy one queues more.
+        for w in sorted(self._workers, key=lambda w: len(w.held)):
+            take = min(self._depth - len(w.held), limit - sent, len(self.queue))
+            if take <= 0 or not self._available(w):
                 continue
-            item = self.queue.popleft()
-            w.item = item
-            w.deadline = (
-                time.monotonic() + self.config.timeout_s if self.config.timeout_s else None
-            )
+            batch = tuple(self.queue.popleft() for _ in range(take))
+            w.held.extend(batch)
+            if self.config.timeout_s:
+                w.deadline = time.monotonic() + self.config.timeout_s
             try:
-                w.conn.send(item)
+                w.conn.send(WorkBatch(batch))
             except OSError:
-                # It died just now; its sentinel will fire and retry the item.
+                # It died just now; its sentinel will fire and hand the items out again.
                 pass
-            sent += 1
+            sent += take
         return sent
+
+    def _adapt_depth(self, busy_s: float) -> None:
+        mean = busy_s if self._mean_busy_s is None else 0.8 * self._mean_busy_s + 0.2 * busy_s
+        self._mean_busy_s = mean
+        if self.config.timeout_s:
+            return
+        # Enough items per worker to cover ~2 ms of round trips through the runner.
+        self._depth = 1 + min(MAX_PREFETCH - 1, int(0.002 / max(mean, 1e-6)))
 
     def forget_items(self) -> None:
         """After the runner killed busy workers at the end of the grace period."""
         for w in self._workers:
-            w.item, w.deadline, w.killed = None, None, True
+            w.held.clear()
+            w.deadline, w.killed = None, True
 
     def next_deadline(self) -> float | None:
-        deadlines = [w.deadline for w in self._workers if w.item is not None and w.deadline]
+        deadlines = [w.deadline for w in self._workers if w.held and w.deadline]
         return min(deadlines) if deadlines else None
 
     def expire(self, now: float) -> None:
         """Kill workers whose item ran past ``timeout_s``; fail or retry it."""
         for w in self._workers:
-            if w.item is not None and w.deadline is not None and w.deadline <= now:
-                item, w.item = w.item, None
+            if w.held and w.deadline is not None and w.deadline <= now:
+                item = w.held.popleft()
+                self._requeue_untouched(w)
                 logger.warning("%s: item %s ran past timeout_s=%s; killing %s (pid %s)",
                                self.name, item.key, self.config.timeout_s, w.name, w.process.pid)
                 w.process.kill()
                 w.killed = True
+                w.deadline = None
                 self.stats.timeouts += 1
                 self._attempt_failed(item, ItemFailure(
                     index=item.index, key=item.key, stage=self.name, worker=w.name,
                     kind="timeout",
                     message=f"ran longer than timeout_s={self.config.timeout_s}s; worker killed",
                 ))
+
+    def _requeue_untouched(self, w: _Worker) -> None:
+        # Items a worker held but never started go back to the front, in
+        # order, with their attempt count unchanged.
+        while w.held:
+            self.queue.appendleft(w.held.pop())
 
     # ---------------------------------------------------------------- events
 
@@ -255,45 +291,60 @@ class StagePool:
             message = w.conn.recv()
         except (EOFError, OSError):
             return False  # it died; the sentinel handles that
-        item, w.item, w.deadline = w.item, None, None
-        if item is None:
-            # A late answer for an item already failed by timeout: ignore it.
-            return True
-        self._crash_streak = 0
-        if isinstance(message, ItemDone):
-            self.stats.done += 1
-            self.stats.busy_s += message.busy_s
-            self.stats.io_s += message.io_s
-            self.stats.cpu_wait_s += message.cpu_wait_s
-            mine = self.stats.per_worker.setdefault(message.worker, {"items": 0, "busy_s": 0.0})
-            mine["items"] += 1
-            mine["busy_s"] += message.busy_s
-            if len(self.stats.timeline) < TIMELINE_CAP:
-                self.stats.timeline.append((message.worker, message.key, message.started_at,
-                                            message.busy_s, message.io_s, message.cpu_wait_s))
-            self._on_done(self.name, message)
-        elif isinstance(message, ItemFailure):
-            w.exiting = message.kind == "exit"
-            self._attempt_failed(item, message)
+        assert isinstance(message, ReplyBatch), message
+        for reply in message.replies:
+            self._on_reply(w, reply)
         return True
 
+    def _on_reply(self, w: _Worker, reply: ItemDone | ItemFailure) -> None:
+        if not w.held or w.held[0].index != reply.index:
+            # A late answer for an item already failed by timeout: ignore it.
+            return
+        item = w.held.popleft()
+        w.deadline = (time.monotonic() + self.config.timeout_s
+                      if w.held and self.config.timeout_s else None)
+        self._crash_streak = 0
+        if isinstance(reply, ItemDone):
+            stats = self.stats
+            stats.done += 1
+            stats.busy_s += reply.busy_s
+            stats.io_s += reply.io_s
+            stats.cpu_wait_s += reply.cpu_wait_s
+            mine = stats.per_worker.setdefault(reply.worker, {"items": 0, "busy_s": 0.0})
+            mine["items"] += 1
+            mine["busy_s"] += reply.busy_s
+            if len(stats.timeline) < TIMELINE_CAP:
+                stats.timeline.append((reply.worker, reply.key, reply.started_at,
+                                       reply.busy_s, reply.io_s, reply.cpu_wait_s))
+            self._adapt_depth(reply.busy_s)
+            self._on_done(self.name, reply)
+        else:
+            if reply.kind == "exit":
+                w.exiting = True
+                self._requeue_untouched(w)
+            self._attempt_failed(item, reply)
+
     def _on_exit(self, w: _Worker) -> None:
-        while w.item is not None and _poll(w.conn) and self._on_message(w):
-            pass  # an answer sent just before it exited
+        while w.held and _poll(w.conn) and self._on_message(w):
+            pass  # answers sent just before it exited
         w.process.join(0)
         self._workers.remove(w)
         w.conn.close()
         self._release_slots(w)
         exitcode = w.process.exitcode
-        if w.item is not None:
+        running = self._shared.running[w.slot]
+        culprit = next((item for item in w.held if item.index == running), None)
+        if culprit is not None:
+            w.held.remove(culprit)
+        self._requeue_untouched(w)
+        if culprit is not None:
             self.stats.deaths += 1
-            item = w.item
             how = procs.describe_exit(exitcode)
-            logger.warning("%s (pid %s) %s while holding item %s",
-                           w.name, w.process.pid, how, item.key)
-            self._attempt_failed(item, ItemFailure(
-                index=item.index, key=item.key, stage=self.name, worker=w.name, kind="died",
-                message=f"worker {w.name} {how}",
+            logger.warning("%s (pid %s) %s while running item %s",
+                           w.name, w.process.pid, how, culprit.key)
+            self._attempt_failed(culprit, ItemFailure(
+                index=culprit.index, key=culprit.key, stage=self.name, worker=w.name,
+                kind="died", message=f"worker {w.name} {how}",
             ))
         elif not w.killed and not self._shared.stop_event.is_set():
             self._crash_streak += 1

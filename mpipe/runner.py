@@ -228,11 +228,13 @@ class Runner:
         self.results_lock = self._mp.Lock()
         n_slots = sum(self.loaded.worker_count(name) for name in cfg.stages)
         self._flags = self._mp.RawArray("b", 2 * n_slots)
+        self._running = self._mp.RawArray("q", max(n_slots, 1))
         self._shared = Shared(
             lifeline=self._lifeline_r,
             cpu_semaphore=self._mp.BoundedSemaphore(self.loaded.cpu_slot_count()),
             stop_event=self.stop_event,
             flags=self._flags,
+            running=self._running,
         )
         params = dict(cfg.params)
         workdir = str(self.paths.workdir)

@@ -1,13 +1,16 @@
-"""A stage worker process: one item at a time, from and to the runner.
+"""A stage worker process: runs items the runner sends, in order.
 
-Each worker has its own duplex pipe to the runner and holds at most one item,
-so the runner always knows which item a dead worker held and can retry it on a
-fresh worker.  (A worker that pulled from a shared queue could die between
-``get()`` and saying what it took, or die holding the queue's read lock and
-wedge every other reader: the docs' "Avoid terminating processes".)
+Each worker has its own duplex pipe to the runner, which knows every item the
+worker holds (one, or a few for quick stages: see "Prefetch" in mpipe.pool),
+and the worker marks the item it is running in shared memory, so that the
+runner can retry exactly that item on a fresh worker if this one dies.  (A
+worker that pulled from a shared queue could die between ``get()`` and saying
+what it took, or die holding the queue's read lock and wedge every other
+reader: the docs' "Avoid terminating processes".)
 
-It reads a :class:`WorkItem`, calls the stage function, and answers with
-:class:`ItemDone` or :class:`ItemFailure`.  It pickles the result itself, so an
+It reads :class:`WorkBatch` messages, calls the stage function on each item,
+and answers with :class:`ReplyBatch` messages of :class:`ItemDone` or
+:class:`ItemFailure`.  It pickles the result itself, so an
 unpicklable result is reported with its item instead of being lost.  It exits
 on :class:`Shutdown`, on EOF from the runner, or when its lifeline breaks.
 """
@@ -18,6 +21,7 @@ import errno
 import logging
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event, Semaphore
@@ -27,7 +31,16 @@ from typing import Any
 from mpipe import imports, procs
 from mpipe.context import SlotFlags, StageContext
 from mpipe.errors import OutputError
-from mpipe.messages import ItemDone, ItemFailure, Shutdown, WorkItem, dumps, loads
+from mpipe.messages import (
+    ItemDone,
+    ItemFailure,
+    ReplyBatch,
+    Shutdown,
+    WorkBatch,
+    WorkItem,
+    dumps,
+    loads,
+)
 from mpipe.outputs import output_error
 
 logger = logging.getLogger(__name__)
@@ -60,6 +73,7 @@ def worker_main(
     cpu_semaphore: Semaphore,
     stop_event: Event,
     flags: Any,
+    running: Any,
 ) -> None:
     procs.child_setup(spec.name, lifeline, spec.log_level)
     # The runner checked this name against allowed_modules before starting us.
@@ -78,20 +92,62 @@ def worker_main(
         stop_event=stop_event,
         flags=SlotFlags(flags, spec.slot),
     )
+    _serve(conn, fn, with_ctx, ctx, running, spec.slot)
+
+
+# Replies of quick items are sent together; a reply never waits longer than this.
+REPLY_BATCH_S = 0.005
+REPLY_BATCH_MAX = 64
+
+
+def _serve(conn: Connection, fn: Any, with_ctx: bool, ctx: StageContext, running: Any,
+           slot: int) -> None:
+    inbox: deque[WorkItem] = deque()
+    replies: list[ItemDone | ItemFailure] = []
+    oldest_reply = 0.0
+
+    def flush() -> None:
+        if replies:
+            conn.send(ReplyBatch(tuple(replies)))
+            replies.clear()
+
+    def take(message: object) -> bool:
+        if isinstance(message, Shutdown):
+            return False
+        assert isinstance(message, WorkBatch), message
+        inbox.extend(message.items)
+        return True
+
     while True:
         try:
-            message = conn.recv()
+            if not inbox:
+                flush()  # nothing else to do: send what is pending, then wait
+                if not take(conn.recv()):
+                    return
+            while conn.poll():
+                if not take(conn.recv()):
+                    flush()
+                    return
         except EOFError:
             return
-        if isinstance(message, Shutdown):
-            return
-        assert isinstance(message, WorkItem), message
-        reply, exit_code = _run_one(fn, with_ctx, ctx, message)
-        conn.send(reply)
+        item = inbox.popleft()
+        # Written before the item starts, so that if this process dies the
+        # runner charges the death to this item and no other (see mpipe.pool).
+        running[slot] = item.index
+        reply, exit_code = _run_one(fn, with_ctx, ctx, item)
+        running[slot] = -1
+        if not replies:
+            oldest_reply = time.perf_counter()
+        replies.append(reply)
         if exit_code is not None:
             # The stage raised SystemExit or KeyboardInterrupt: end this
             # process as it asked; the runner starts a fresh worker.
+            flush()
             raise SystemExit(exit_code)
+        quick = isinstance(reply, ItemDone) and reply.busy_s < REPLY_BATCH_S
+        if (not quick or len(replies) >= REPLY_BATCH_MAX
+                or time.perf_counter() - oldest_reply >= REPLY_BATCH_S):
+            flush()
 
 
 def _run_one(

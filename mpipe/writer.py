@@ -128,19 +128,37 @@ def _next_batch(inbox: Queue[bytes]) -> tuple[list[SinkItem], bool]:
 
 def _write_rows(f: Any, batch: list[SinkItem]) -> list[ItemFailure]:
     rejected: list[ItemFailure] = []
+    rows: list[tuple[int, str, np.ndarray[Any, Any]]] = []
+    shape: tuple[int, ...] | None = f["results"].shape[1:] if "results" in f else None
     for message in batch:
         try:
             row = _as_row(loads(message.value))
-            _ensure_datasets(f, row, message.index + 1)
-            f["results"][message.index] = row
+            if shape is None:
+                shape = row.shape
+            elif row.shape != shape:
+                raise ValueError(f"shape {row.shape} differs from the first result's {shape}")
         except (TypeError, ValueError) as exc:
             rejected.append(ItemFailure(
                 index=message.index, key=message.key, stage="writer", worker="writer",
                 kind="raised", message=f"its result cannot go into the results file: {exc}",
             ))
             continue
-        f["keys"][message.index] = message.key
-        f["done"][message.index] = True
+        rows.append((message.index, message.key, row))
+    if not rows:
+        return rejected
+    rows.sort(key=lambda r: r[0])
+    _ensure_datasets(f, rows[0][2], rows[-1][0] + 1)
+    results, keys, done = f["results"], f["keys"], f["done"]
+    # One write per run of consecutive rows: h5py costs tens of microseconds
+    # per call, which a row at a time would pay for every item.
+    start = 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or rows[end][0] != rows[end - 1][0] + 1:
+            first, last = rows[start][0], rows[end - 1][0] + 1
+            results[first:last] = np.stack([r[2] for r in rows[start:end]])
+            keys[first:last] = [r[1] for r in rows[start:end]]
+            done[first:last] = True
+            start = end
     return rejected
 
 
@@ -164,8 +182,6 @@ def _ensure_datasets(f: Any, row: np.ndarray[Any, Any], needed: int) -> None:
                          dtype=h5py.string_dtype())
         f.create_dataset("done", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=bool)
     results = f["results"]
-    if results.shape[1:] != row.shape:
-        raise ValueError(f"shape {row.shape} differs from the first result's {results.shape[1:]}")
     if results.shape[0] < needed:
         # Grow geometrically: resizing per row would cost O(n^2) over a run.
         size = max(needed, 2 * results.shape[0])

@@ -86,6 +86,8 @@ def test_every_message_type_pickles() -> None:
         messages.SourceFailed("m", "tb"),
         messages.EndOfStream("producer"),
         messages.WorkItem(0, "k", 1, b"v"),
+        messages.WorkBatch((messages.WorkItem(0, "k", 1, b"v"),)),
+        messages.ReplyBatch((failure,)),
         messages.ItemDone(0, "k", "w", b"v", 1.0, 0.5, 0.1),
         failure,
         messages.SinkItem(0, "k", "fp", b"v", False),
