@@ -649,6 +649,7 @@ class Runner:
                     f"invariant broken: {s.produced} items produced but {s.committed} committed "
                     f"+ {s.skipped} skipped + {len(s.failures)} failed = {accounted}")
             else:
+                result.wall_s = time.monotonic() - self._t0
                 self._seal(result)
                 if s.failures:
                     result.status = "items_failed"

@@ -107,5 +107,15 @@ def run_metadata(loaded: LoadedConfig, result: RunResult) -> dict[str, Any]:
             "failed": result.failed,
         },
         "status": "complete" if not result.failed else "items_failed",
-        "startup_s": result.startup_s,
+        "timings": {
+            "startup_s": round(result.startup_s, 4),
+            # The file is sealed as the run ends: this is the run's wall time
+            # up to the seal, which is all of it but the last few milliseconds.
+            "wall_s": round(result.wall_s, 4),
+            "stages": {
+                name: {"busy_s": round(stats.busy_s, 4), "io_s": round(stats.io_s, 4),
+                       "cpu_wait_s": round(stats.cpu_wait_s, 4), "done": stats.done}
+                for name, stats in result.stages.items()
+            },
+        },
     }

@@ -214,7 +214,11 @@ def seal_main(spec: SealSpec, conn: Connection, lifeline: Connection) -> None:
             total = loads(spec.total)
             if total is not None:
                 f.create_dataset("total", data=np.asarray(total))
-            for key, value in spec.metadata.items():
+            metadata = dict(spec.metadata)
+            # h5py is imported only here, in the writer: its versions too.
+            metadata["versions"] = {**metadata.get("versions", {}), "h5py": h5py.__version__,
+                                    "hdf5": h5py.version.hdf5_version}
+            for key, value in metadata.items():
                 f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
         if spec.fsync:
             fsync_path(tmp)

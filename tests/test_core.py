@@ -24,6 +24,12 @@ def test_results_equal_serial_reference(tmp_path: Path, workers: int) -> None:
     report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
     assert report["counts"] == {"produced": 5, "committed": 5, "skipped": 0, "failed": 0,
                                 "not_started": 0}
+    with h5py.File(tmp_path / "results.h5") as f:
+        assert json.loads(f.attrs["config"])["stages"]["compute"]["workers"] == workers
+        assert json.loads(f.attrs["versions"])["numpy"] == np.__version__
+        assert "hdf5" in json.loads(f.attrs["versions"])
+        timings = json.loads(f.attrs["timings"])
+        assert timings["wall_s"] > 0 and timings["stages"]["compute"]["done"] == 5
 
 
 def test_io_only_variant_and_more_workers_than_cores(tmp_path: Path) -> None:
