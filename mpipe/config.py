@@ -86,6 +86,8 @@ class ConsumerConfig(_Strict):
 
 class WriterConfig(_Strict):
     path: str = "results.h5"
+    workers: int = Field(1, ge=1, le=8, description="writer processes; they take turns on "
+                         "the results file under the results lock")
     queue_size: int = Field(64, ge=1, description="finished items in flight to the writer")
     lock_timeout_s: float = Field(60.0, gt=0)
 
@@ -216,21 +218,27 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict[str, int], Any]:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     lines: dict[str, int] = {}
     if node is not None:
-        _record_lines(node, "", lines)
+        _record_lines(node, "", lines, path)
     return lines, data
 
 
-def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int], path: Path) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            lines[key] = key_node.start_mark.line + 1
-            _record_lines(value_node, key, lines)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                # PyYAML keeps the last of two equal keys without a word: a
+                # second "workers:" would silently win.
+                raise ConfigError(f"{key}: duplicate key, {path.name} line {line} "
+                                  f"(first at line {lines[key]})")
+            lines[key] = line
+            _record_lines(value_node, key, lines, path)
     elif isinstance(node, yaml.SequenceNode):
         for i, child in enumerate(node.value):
             key = f"{prefix}.{i}"
             lines[key] = child.start_mark.line + 1
-            _record_lines(child, key, lines)
+            _record_lines(child, key, lines, path)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -44,6 +44,7 @@ class ConsumerSpec:
     workdir: str
     allow_outside_workdir: bool
     log_level: int
+    writers: int = 1
 
 
 def consumer_main(
@@ -68,7 +69,9 @@ def consumer_main(
         conn.send(ProcessFailed("consumer", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         stream.drain()
     finally:
-        to_writer.put(dumps(EndOfStream("consumer")))
+        # One end marker per writer: each counts its own, and they share the queue.
+        for _ in range(spec.writers):
+            to_writer.put(dumps(EndOfStream("consumer")))
         # Wait until the feeder thread has handed everything to the pipe:
         # exiting earlier would lose the writer's last items.
         to_writer.close()

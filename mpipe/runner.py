@@ -43,10 +43,12 @@ Who reads and writes what:
 * **consumer**: folds finished values (the consumer function), forwards each
   ``SinkItem`` to the writer first, sends ``ConsumerDone`` with the fold's
   value, then one ``EndOfStream`` to the writer.
-* **writer**: the only process that opens HDF5; writes rows and commits them to
-  the ledger under the results lock; acknowledges ``Committed``; ends on the
-  ``EndOfStream`` it counts.  A last writer-side process (seal) adds the total
-  and metadata and renames the file into place.
+* **writer** (``writer.workers``, default 1): the only processes that open
+  HDF5; each takes a batch, and under the results lock (deadline
+  ``lock_timeout_s``) opens the file, writes the rows, closes it and commits
+  them to the ledger; acknowledges ``Committed``; ends on its own
+  ``EndOfStream`` (the consumer sends one per writer).  A last writer-side
+  process (seal) adds the total and metadata and renames the file into place.
 
 Nothing here sleeps to find out what happened: the loop blocks in
 ``multiprocessing.connection.wait`` until a message, a process exit, a signal
@@ -55,6 +57,7 @@ or the nearest item deadline.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import socket
@@ -63,7 +66,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -245,16 +248,20 @@ class Runner:
         # start() returns, and a collected one is unlinked under it.
         self._sink_queue = self._mp.Queue(cfg.writer.queue_size)
         self._writer_queue = writer_queue = self._mp.Queue(cfg.writer.queue_size)
-        self._writer_conn, writer_end = self._mp.Pipe(duplex=False)
-        self._writer = self._spawn("writer", writer_main, (
-            WriterSpec(str(self.paths.results_tmp), str(self.paths.ledger), cfg.fsync,
-                       cfg.writer.lock_timeout_s, self.log_level),
-            writer_queue, writer_end, self.results_lock, self._lifeline_r))
-        writer_end.close()
+        writer_spec = WriterSpec(str(self.paths.results_tmp), str(self.paths.ledger), cfg.fsync,
+                                 cfg.writer.lock_timeout_s, self.log_level)
+        self._writers: list[tuple[BaseProcess, Connection]] = []
+        for i in range(cfg.writer.workers):
+            conn, writer_end = self._mp.Pipe(duplex=False)
+            name = "writer" if cfg.writer.workers == 1 else f"writer-{i + 1}"
+            process = self._spawn(name, writer_main, (
+                writer_spec, writer_queue, writer_end, self.results_lock, self._lifeline_r))
+            writer_end.close()
+            self._writers.append((process, conn))
         self._consumer_conn, consumer_end = self._mp.Pipe(duplex=False)
         self._consumer = self._spawn("consumer", consumer_main, (
             ConsumerSpec(cfg.consumer.fn if cfg.consumer else None, params, workdir,
-                         cfg.allow_outside_workdir, self.log_level),
+                         cfg.allow_outside_workdir, self.log_level, cfg.writer.workers),
             self._sink_queue, writer_queue, consumer_end, self._lifeline_r))
         consumer_end.close()
 
@@ -392,9 +399,11 @@ class Runner:
         if not s.consumer_exited:
             handlers[self._consumer_conn] = self._on_consumer_message
             handlers[self._consumer.sentinel] = self._on_consumer_exit
-        if not s.writer_exited:
-            handlers[self._writer_conn] = self._on_writer_message
-            handlers[self._writer.sentinel] = self._on_writer_exit
+        for process, conn in self._writers:
+            if process.exitcode is None or process.sentinel not in s.writers_seen_exit:
+                handlers[conn] = functools.partial(self._on_writer_message, conn)
+                handlers[process.sentinel] = functools.partial(self._on_writer_exit, process,
+                                                               conn)
         return handlers
 
     def _next_timeout(self) -> float | None:
@@ -540,9 +549,9 @@ class Runner:
             how = procs.describe_exit(self._consumer.exitcode)
             raise PipelineBrokenError(f"the consumer {how}")
 
-    def _on_writer_message(self) -> bool:
+    def _on_writer_message(self, conn: Connection) -> bool:
         try:
-            message = self._writer_conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
             return False
         s = self._state
@@ -561,14 +570,17 @@ class Runner:
             raise error
         return True
 
-    def _on_writer_exit(self) -> None:
+    def _on_writer_exit(self, process: BaseProcess, conn: Connection) -> None:
         s = self._state
-        while _poll(self._writer_conn) and self._on_writer_message():
+        while _poll(conn) and self._on_writer_message(conn):
             pass
-        s.writer_exited = True
-        if not s.sink_closed or s.sink_in_flight:
-            raise PipelineBrokenError(f"the writer {procs.describe_exit(self._writer.exitcode)}; "
-                                      "committed items are kept")
+        s.writers_seen_exit.add(process.sentinel)
+        s.writer_exited = len(s.writers_seen_exit) == len(self._writers)
+        # A writer ends normally only after its EndOfStream, i.e. after the
+        # sink was closed; the last one out must leave nothing uncommitted.
+        if process.exitcode != 0 or not s.sink_closed or (s.writer_exited and s.sink_in_flight):
+            raise PipelineBrokenError(f"the {process.name} {procs.describe_exit(process.exitcode)};"
+                                      " committed items are kept")
 
     # ---------------------------------------------------------------- phases
 
@@ -739,6 +751,7 @@ class _State:
     producer_exited: bool = False
     consumer_exited: bool = False
     writer_exited: bool = False
+    writers_seen_exit: set[int] = field(default_factory=set)
     sink_closed: bool = False
     stopping: bool = False
     hard_stop: bool = False

@@ -49,9 +49,11 @@ def write(tmp_path: Path, text: str) -> Path:
          ["safe loader"]),
         (GOOD.replace("source:", "sauce:"), ["sauce", "unknown key", "source", "required"]),
         (GOOD + "writer: {path: ../escaped.h5}\n", ["writer.path", "outside the workdir"]),
+        (GOOD.replace("workers: 2", "workers: 2\n    workers: 3"),
+         ["stages.compute.workers: duplicate key", "line 9", "first at line 8"]),
     ],
     ids=["syntax", "unknown-key", "wrong-type", "workers-0", "no-attr", "no-module",
-         "not-allowed", "python-tag", "missing", "path-escape"],
+         "not-allowed", "python-tag", "missing", "path-escape", "duplicate-key"],
 )
 def test_bad_config_exits_2_naming_key_and_line(
     tmp_path: Path, text: str, expected: list[str]

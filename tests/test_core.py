@@ -41,6 +41,16 @@ def test_io_only_variant_and_more_workers_than_cores(tmp_path: Path) -> None:
     check_against_reference(tmp_path, 4, 0)
 
 
+def test_two_writers_take_turns_under_the_lock(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 6)
+    cfg = notes_config(tmp_path, tasks=6, repeat=0, workers=3)
+    proc = mpipe("run", cfg, "--log-level", "INFO", "--set", "writer.workers=2",
+                 "--set", "writer.queue_size=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "started writer-1" in proc.stderr and "started writer-2" in proc.stderr
+    check_against_reference(tmp_path, 6, 0)
+
+
 @pytest.mark.parametrize("tasks", [0, 1])
 def test_zero_and_one_task(tmp_path: Path, tasks: int) -> None:
     make_inputs(tmp_path, tasks)
