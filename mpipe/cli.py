@@ -9,28 +9,91 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mpipe import __version__
+from rich.console import Console
+
+from mpipe import __version__, logsetup
 from mpipe.config import LoadedConfig, load_config
 from mpipe.errors import MpipeError
 
 logger = logging.getLogger("mpipe")
+
+COMMANDS_HELP = """\
+commands (`mpipe COMMAND --help` for details):
+  run CONFIG        run a pipeline: live progress, then a summary naming the bottleneck
+                    [--fresh] [--limit N] [--report PATH] [--quiet]
+                    [--progress | --no-progress] [--progress-interval SECONDS]
+  validate CONFIG   check a config; exit 0 if valid, 2 if not
+  plan CONFIG       the resolved topology, where outputs go, what a resume would skip
+                    [--items]
+  report REPORT     print a run report's summary [--plot OUT.png]
+  tune CONFIG       measure worker counts on a sample and recommend them
+                    [--workers N,N,...] [--limit N] [--write] [--keep]
+                    [--trial-timeout SECONDS]
+  bench             measure mpipe against its peers
+
+flags of run, validate, plan and tune:
+  --set KEY=VALUE   override a config value by dotted path (repeatable; VALUE is YAML)
+and of those and report:
+  --log-level L     DEBUG, INFO, WARNING (default), ERROR
+  --log-file PATH   append log records to PATH instead of stderr
+  --log-format F    text (default) or json (one object per line)
+
+exit codes: 0 done, 1 items failed, 2 config/usage error, 3 pipeline broken,
+74 output error, 75 workdir locked by another run, 130/143 interrupted"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",") if part.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpipe",
         description="Run config-driven, multiprocess batch pipelines.",
-        epilog="exit codes: 0 done, 1 items failed, 2 config/usage error, 3 pipeline broken, "
-        "74 output error, 75 workdir locked by another run, 130/143 interrupted",
+        epilog=COMMANDS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_logging(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--log-level", default="WARNING",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="log level for mpipe and its processes (default WARNING)")
+        p.add_argument("--log-file", type=Path, metavar="PATH",
+                       help="append log records to PATH instead of stderr (created if "
+                       "missing; errors that end the command still go to stderr)")
+        p.add_argument("--log-format", default="text", choices=logsetup.FORMATS,
+                       help="text (default) or json: one JSON object per line with ts, "
+                       "level, process, pid, logger, message")
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", type=Path, help="the pipeline YAML file")
@@ -38,31 +101,90 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="KEY=VALUE",
                        help="override a config value by dotted path, e.g. "
                        "--set stages.compute.workers=2 (repeatable; VALUE is YAML)")
-        p.add_argument("--log-level", default="WARNING",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                       help="log level for mpipe and its processes (default WARNING)")
+        with_logging(p)
 
-    run = sub.add_parser("run", help="run a pipeline")
+    run = sub.add_parser(
+        "run", help="run a pipeline",
+        description="Run a pipeline: live progress while it runs (a display on a terminal, "
+        "plain lines otherwise), then a summary table per stage that names the bottleneck. "
+        "The JSON report goes to <workdir>/.mpipe/<pipeline>/last-run.json.")
     with_config(run)
     run.add_argument("--fresh", action="store_true",
                      help="forget committed items and redo everything")
     run.add_argument("--report", type=Path, metavar="PATH",
                      help="also write the JSON run report here")
-    run.add_argument("--quiet", action="store_true", help="print no summary")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress and no summary (errors still go to stderr)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="show progress (default: a live display when stdout is a terminal, "
+                     "a plain line every --progress-interval seconds when it is not)")
+    run.add_argument("--progress-interval", type=_positive_float, default=10.0,
+                     metavar="SECONDS",
+                     help="seconds between plain progress lines when stdout is not a "
+                     "terminal (default 10)")
+    run.add_argument("--limit", type=_positive_int, metavar="N",
+                     help="take only the first N items of the source (a sample run)")
 
     validate = sub.add_parser("validate", help="check a config; exit 0 if valid, 2 if not")
     with_config(validate)
 
-    plan = sub.add_parser("plan", help="print the resolved topology without running")
+    plan = sub.add_parser(
+        "plan", help="print the resolved topology without running",
+        description="Print the resolved topology (stages, workers, queues and their bounds, "
+        "io and cpu slots), where outputs go, and what a resumed run would skip.")
     with_config(plan)
+    plan.add_argument("--items", action="store_true",
+                      help="also run the source function (not the stages) to count exactly "
+                      "which items a run would skip and which it would redo")
+
+    rep = sub.add_parser(
+        "report", help="summarise a run report; --plot draws its timeline",
+        description="Print the summary of a JSON run report (the bottleneck included) and, "
+        "with --plot, draw its timeline: one row per worker, busy/IO/idle.")
+    rep.add_argument("report", type=Path, metavar="REPORT.json",
+                     help="a run report, e.g. <workdir>/.mpipe/<pipeline>/last-run.json")
+    rep.add_argument("--plot", type=Path, metavar="OUT.png",
+                     help="draw the timeline to this file (png, svg or pdf; needs "
+                     "pip install 'mpipe[plot]')")
+    with_logging(rep)
+
+    tune = sub.add_parser(
+        "tune", help="measure worker counts on a sample and recommend them",
+        description="Run a short sample of the workload (mpipe run --limit N) with several "
+        "worker counts per stage, in a scratch workdir under <workdir>/.mpipe/tune/ (real "
+        "outputs, results and ledger untouched), print items/s and CPU %% per count and "
+        "recommend counts; --write puts them in the YAML, keeping its comments.")
+    with_config(tune)
+    tune.add_argument("--workers", type=_int_list, metavar="N,N,...",
+                      help="worker counts to try per stage (default: 1, cores, 2*cores)")
+    tune.add_argument("--limit", type=_positive_int, metavar="N",
+                      help="items per sample run (default: max(8, 2 * the largest count))")
+    tune.add_argument("--write", action="store_true",
+                      help="write the recommended counts into CONFIG (needs pip install "
+                      "'mpipe[tune]')")
+    tune.add_argument("--keep", action="store_true",
+                      help="keep the scratch workdir and the trial reports")
+    tune.add_argument("--trial-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                      help="give up on a sample run after this long (default 600)")
+
+    bench = sub.add_parser("bench", help="measure mpipe against its peers and the floor")
+    from mpipe.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s [runner] %(name)s: %(message)s")
+    try:
+        logsetup.configure(getattr(logging, getattr(args, "log_level", "WARNING")),
+                           log_file=getattr(args, "log_file", None),
+                           log_format=getattr(args, "log_format", "text"))
+    except OSError as exc:
+        print(f"mpipe: error: cannot open the log file {args.log_file}: {exc.strerror}",
+              file=sys.stderr)
+        sys.exit(2)
     try:
         code = COMMANDS[args.command](args)
     except MpipeError as exc:
@@ -72,6 +194,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("mpipe: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def _console() -> Console:
+    # A pipe has no width: rich would assume 80 columns and fold the table.
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(file=sys.stdout, width=None if wide else 120)
 
 
 def _load(args: argparse.Namespace) -> LoadedConfig:
@@ -99,6 +227,87 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _where_outputs_go(paths: Any) -> list[str]:
+    lines = [f"  results   {paths.results}"
+             + ("  (exists: replaced whole at the end of a run)" if paths.results.exists()
+                else "  (not written yet)")]
+    for d in paths.output_dirs:
+        if d.is_dir():
+            state = f"exists, {sum(1 for _ in d.iterdir())} entries"
+        else:
+            state = "created by the run"
+        lines.append(f"  outputs   {d}  ({state}; checked writable before any compute)")
+    lines.append(f"  report    {paths.default_report}")
+    return lines
+
+
+def _resume_summary(loaded: LoadedConfig, paths: Any, exact: bool) -> list[str]:
+    from mpipe import ledger
+
+    cfg = loaded.config
+    committed = ledger.open_for_reading(paths.ledger)
+    if committed is None:
+        return [f"  ledger    {paths.ledger}",
+                "  resume    nothing committed yet: a run does every item"]
+    try:
+        held = committed.count()
+    except sqlite3.Error as exc:
+        return [f"  ledger    {paths.ledger}", f"  resume    the ledger cannot be read ({exc})"]
+    finally:
+        committed.close()
+    lines = [f"  ledger    {paths.ledger}",
+             f"  resume    the ledger holds {held} committed item(s) of pipeline "
+             f"{cfg.pipeline}: a run skips each whose config, value and input files are "
+             "unchanged and whose outputs exist",
+             f"            --fresh would forget them and redo all {held}"]
+    if exact:
+        skip, redo = _count_skips(loaded, paths)
+        lines.append(f"  items     the source yields {skip + redo}: a run would skip {skip} "
+                     f"and do {redo}")
+    else:
+        lines.append("            (mpipe plan --items runs the source to count exactly)")
+    return lines
+
+
+def _count_skips(loaded: LoadedConfig, paths: Any) -> tuple[int, int]:
+    """What the producer would decide for each item, without starting it."""
+    from mpipe import imports, ledger
+    from mpipe.errors import PipelineBrokenError
+    from mpipe.messages import Task, dumps
+    from mpipe.producer import SourceContext, item_fingerprint
+    from mpipe.state import config_fingerprint
+
+    cfg = loaded.config
+    fn = imports.resolve(cfg.source.fn, "source.fn", cfg.allowed_modules, loaded.base_dir,
+                         where=loaded.where("source.fn"))
+    ctx = SourceContext(dict(cfg.params), paths.workdir, cfg.allow_outside_workdir)
+    config_fp = config_fingerprint(cfg)
+    committed = ledger.open_for_reading(paths.ledger)
+    skip = redo = 0
+    try:
+        for index, raw in enumerate(imports.call_with_optional_context(fn, ctx=ctx)):
+            task = raw if isinstance(raw, Task) else Task(key=str(index), value=raw)
+            entry = committed.lookup(task.key) if committed else None
+            if entry is None:
+                redo += 1
+                continue
+            fingerprint = item_fingerprint(config_fp, task, dumps(task.value), ctx)
+            if entry.fingerprint == fingerprint and all(ctx.path(p).exists()
+                                                        for p in task.outputs):
+                skip += 1
+            else:
+                redo += 1
+    except MpipeError:
+        raise
+    except Exception as exc:
+        raise PipelineBrokenError(f"the source function raised {type(exc).__name__}: {exc}"
+                                  ) from exc
+    finally:
+        if committed is not None:
+            committed.close()
+    return skip, redo
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from mpipe.state import RunPaths
 
@@ -107,20 +316,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     paths = RunPaths.for_config(loaded)
     print(f"pipeline {cfg.pipeline}  (config {loaded.path})")
     print(f"  workdir   {paths.workdir}")
+    if cfg.prepare:
+        print(f"  prepare   {cfg.prepare.fn}  (once, before the pipeline, under the run lock)")
     print(f"  source    {cfg.source.fn}  -> queue of {cfg.source.queue_size}")
     for name, s in cfg.stages.items():
         print(f"  stage     {name}: {s.fn}  workers={loaded.worker_count(name)} "
               f"queue_size={s.queue_size} io_slots={s.io_slots or loaded.worker_count(name)} "
-              f"retries={s.retries} timeout_s={s.timeout_s}")
+              f"retries={s.retries} timeout_s={s.timeout_s}"
+              + ("  (auto: the usable cores)" if s.workers == "auto" else ""))
     print(f"  cpu_slots {loaded.cpu_slot_count()} (shared by all stages)")
     print(f"  consumer  {cfg.consumer.fn if cfg.consumer else '(none)'}")
     print(f"  writer    {paths.results}  (queue {cfg.writer.queue_size}, fsync={cfg.fsync})")
-    print(f"  ledger    {paths.ledger}")
+    for line in _where_outputs_go(paths):
+        print(line)
+    for line in _resume_summary(loaded, paths, exact=args.items):
+        print(line)
+    print(f"  stop      on SIGINT/SIGTERM in-flight items get shutdown_grace_s="
+          f"{cfg.shutdown_grace_s:g}s")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mpipe import imports, report
+    from mpipe import imports, progress, report
     from mpipe.runner import Runner
 
     loaded = _load(args)
@@ -130,20 +347,97 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.prepare:
         prepare = imports.resolve(cfg.prepare.fn, "prepare.fn", cfg.allowed_modules,
                                   loaded.base_dir, where=loaded.where("prepare.fn"))
+    reporter = progress.choose(cfg.pipeline, sys.stdout, enabled=args.progress,
+                               quiet=args.quiet, interval_s=args.progress_interval)
     with Runner(loaded, fresh=args.fresh, log_level=getattr(logging, args.log_level),
-                prepare=prepare) as runner:
+                prepare=prepare, limit=args.limit, progress=reporter) as runner:
         result = runner.run()
     error = result.error
     exit_code = error.exit_code if error else 0
-    doc = report.build(loaded, result, exit_code, started)
+    doc = report.build(loaded, result, exit_code, started, prepare_s=runner.prepare_s)
     report.write(doc, runner.paths.default_report)
     if args.report:
         report.write(doc, args.report)
     if not args.quiet:
-        print(report.summary(doc))
+        console = _console()
+        console.print(report.render_summary(doc, ascii_only=not console.is_terminal))
+        console.print(f"  report: {args.report or runner.paths.default_report}", highlight=False)
     if error is not None:
         print(f"mpipe: error: {error}", file=sys.stderr)
     return exit_code
 
 
-COMMANDS: dict[str, Any] = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan}
+def cmd_report(args: argparse.Namespace) -> int:
+    from mpipe import report
+
+    doc = report.read(args.report)
+    console = _console()
+    console.print(report.render_summary(doc, ascii_only=not console.is_terminal))
+    if args.plot:
+        from mpipe.plot import plot_timeline
+
+        info = plot_timeline(doc, args.plot)
+        console.print(f"  timeline: {info.path} ({len(info.rows)} workers, {info.bars} items)",
+                      highlight=False)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rich import box
+    from rich.table import Table
+
+    from mpipe.tune import Trial, Tuner, write_workers
+
+    loaded = _load(args)
+    console = _console()
+
+    def show(trial: Trial) -> None:
+        counts = " ".join(f"{n}={w}" for n, w in trial.workers.items())
+        again = " (measured above)" if trial.reused else ""
+        console.print(f"  {counts}: {trial.items_per_s:.2f} items/s, CPU {trial.cpu_pct:.0f}%"
+                      f"{again}", highlight=False)
+
+    tuner = Tuner(loaded, args.overrides, candidates=args.workers, limit=args.limit,
+                  timeout_s=args.trial_timeout, log_level=args.log_level, on_trial=show)
+    console.print(f"tuning {loaded.config.pipeline}: up to {tuner.limit} items per sample, worker "
+                  f"counts {', '.join(map(str, tuner.candidates))}, {tuner.cores} cores; "
+                  f"scratch {tuner.scratch}", highlight=False)
+    result = tuner.run(keep=args.keep)
+    table = Table(title=f"measured (samples of up to {result.limit} items, {result.cores} cores)",
+                  box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
+    table.add_column("stage tuned")
+    table.add_column("workers")
+    table.add_column("items/s", justify="right")
+    table.add_column(f"CPU % of {result.cores} cores", justify="right")
+    table.add_column("wall s", justify="right")
+    table.add_column("bottleneck")
+    for t in result.trials:
+        mark = " *" if t.workers == result.recommended else ""
+        table.add_row(t.stage, " ".join(f"{n}={w}" for n, w in t.workers.items()) + mark,
+                      f"{t.items_per_s:.2f}", f"{t.cpu_pct:.0f}", f"{t.wall_s:.1f}",
+                      t.bottleneck or "-")
+    console.print(table)
+    changes = {n: w for n, w in result.recommended.items() if result.current.get(n) != w}
+    for name, n in result.recommended.items():
+        was = result.current[name]
+        verb = "keep" if n == was else f"change {was} ->"
+        console.print(f"recommended: stages.{name}.workers: {verb} {n}", highlight=False)
+    if args.write:
+        written = write_workers(loaded.path, result.recommended)
+        if written:
+            console.print(f"wrote {', '.join(written)} to {loaded.path}", highlight=False)
+        else:
+            console.print(f"{loaded.path} already has these counts", highlight=False)
+    elif changes:
+        console.print(f"run again with --write to put them in {loaded.path}", highlight=False)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mpipe.bench import main as bench_main
+
+    return bench_main(args)
+
+
+COMMANDS: dict[str, Any] = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
+                            "report": cmd_report, "tune": cmd_tune, "bench": cmd_bench}

@@ -65,6 +65,7 @@ class StageStats:
     cpu_wait_s: float = 0.0
     starved_s: float = 0.0  # worker-seconds idle because the input queue was empty
     blocked_s: float = 0.0  # seconds with input waiting but no room downstream
+    queue_full_s: float = 0.0  # seconds the input queue was at its queue_size
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
     # (worker, key, started_at, busy_s, io_s, cpu_wait_s) per finished item,
     # for the timeline plot; capped so a million-item run stays small.

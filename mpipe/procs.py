@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
+from mpipe import logsetup
+
 logger = logging.getLogger(__name__)
 
 LIFELINE_EXIT = 70
@@ -34,9 +36,9 @@ def child_setup(name: str, lifeline: Connection, log_level: int) -> None:
     """First thing every child runs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=log_level, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s"
-    )
+    # The runner's --log-file / --log-format reach every child through the
+    # environment, which the forkserver inherited (see mpipe.logsetup).
+    logsetup.configure_child(name, log_level)
     threading.Thread(target=_watch_lifeline, args=(lifeline,), name="lifeline", daemon=True).start()
 
 

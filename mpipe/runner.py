@@ -133,6 +133,7 @@ class RunResult:
     error: MpipeError | None = None
     total: Any = None
     results_path: str | None = None
+    loop_started_at: float = 0.0  # wall clock when the loop began, after start-up
 
 
 class Runner:
@@ -327,6 +328,7 @@ class Runner:
     def run(self) -> RunResult:
         """Run to the end; return what happened (never raises item failures)."""
         self._state = _State(self.config.stages)
+        self._loop_started_at = time.time()
         if self._progress is not None:
             self._progress.start(self.snapshot)
         try:
@@ -348,7 +350,8 @@ class Runner:
             "failed": len(s.failures),
             "stopping": s.stopping,
             "stages": [
-                {"name": p.name, "workers": p.size, "busy": p.in_flight, "queue": len(p.queue),
+                {"name": p.name, "workers": p.size, "busy": len(p.busy_workers()),
+                 "in_flight": p.in_flight, "queue": len(p.queue),
                  "queue_size": p.config.queue_size, "done": p.stats.done,
                  "failed": p.stats.failed, "retries": p.stats.retries}
                 for p in list(self._pools)
@@ -362,12 +365,15 @@ class Runner:
             handlers = self._wait_objects()
             timeout = self._next_timeout()
             before = time.monotonic()
-            states = [(p, p.idle(), not p.queue, self._blocked(k))
+            states = [(p, p.idle(), not p.queue, self._blocked(k),
+                       len(p.queue) >= p.config.queue_size)
                       for k, p in enumerate(self._pools)]
             ready = wait(list(handlers), timeout)
             # States change only at events, so this accounting is exact.
             dt = time.monotonic() - before
-            for p, idle, empty, blocked in states:
+            for p, idle, empty, blocked, full in states:
+                if full:
+                    p.stats.queue_full_s += dt
                 if idle and empty:
                     p.stats.starved_s += idle * dt
                 elif blocked:
@@ -645,7 +651,8 @@ class Runner:
         s = self._state
         result = RunResult(status="complete", produced=s.produced, committed=s.committed,
                            skipped=s.skipped, failed=len(s.failures), not_started=s.not_started,
-                           failures=s.failures, startup_s=self._startup_s)
+                           failures=s.failures, startup_s=self._startup_s,
+                           loop_started_at=self._loop_started_at)
         result.stages = {p.name: p.stats for p in self._pools}
         self._teardown(grace_s=0 if s.hard_stop else self.config.shutdown_grace_s)
         if s.errors:

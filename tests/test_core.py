@@ -78,10 +78,7 @@ def test_set_overrides_any_value_by_dotted_path(tmp_path: Path) -> None:
 
 def test_stage_error_names_stage_item_worker_and_others_go_on(tmp_path: Path) -> None:
     make_inputs(tmp_path, 4)
-    cfg = notes_config(tmp_path, tasks=4, fn="tests.faults.stages:notes_with_fault",
-                       extra="params: {tasks: 4, repeat: 1, seed: 0, fault: raise, "
-                             "fault_key: t002}\n".replace("params", "params"))
-    # The fault key is given by --set: the config's params line stays valid.
+    cfg = notes_config(tmp_path, tasks=4, fn="tests.faults.stages:notes_with_fault")
     proc = mpipe("run", cfg, "--set", "params.fault=raise", "--set", "params.fault_key=t002")
     assert proc.returncode == 1, proc.stderr
     assert "t002" in proc.stdout and "compute" in proc.stdout

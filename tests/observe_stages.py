@@ -1,0 +1,28 @@
+"""A tiny three-stage pipeline with one deliberately slow stage (named from YAML).
+
+source ``numbers`` -> ``fast`` -> ``slow`` (sleeps ``params.slow_s``) -> ``tail``.
+The tests expect the summary and the report to name ``slow`` as the bottleneck.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+
+def numbers(ctx: Any) -> Iterator[int]:
+    yield from range(int(ctx.params.get("n", 8)))
+
+
+def fast(x: int) -> int:
+    return x + 1
+
+
+def slow(x: int, ctx: Any) -> int:
+    time.sleep(float(ctx.params.get("slow_s", 0.3)))
+    return x * 2
+
+
+def tail(x: int) -> float:
+    return float(x)
