@@ -21,7 +21,7 @@ from rich.console import Console
 
 from mpipe import __version__, logsetup
 from mpipe.config import LoadedConfig, load_config
-from mpipe.errors import MpipeError
+from mpipe.errors import MpipeError, RunLockedError
 
 logger = logging.getLogger("mpipe")
 
@@ -338,7 +338,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mpipe import imports, progress, report
-    from mpipe.runner import Runner
+    from mpipe.runner import Runner, RunResult
 
     loaded = _load(args)
     cfg = loaded.config
@@ -349,9 +349,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   loaded.base_dir, where=loaded.where("prepare.fn"))
     reporter = progress.choose(cfg.pipeline, sys.stdout, enabled=args.progress,
                                quiet=args.quiet, interval_s=args.progress_interval)
-    with Runner(loaded, fresh=args.fresh, log_level=getattr(logging, args.log_level),
-                prepare=prepare, limit=args.limit, progress=reporter) as runner:
-        result = runner.run()
+    runner = Runner(loaded, fresh=args.fresh, log_level=getattr(logging, args.log_level),
+                    prepare=prepare, limit=args.limit, progress=reporter)
+    try:
+        with runner:
+            result = runner.run()
+    except MpipeError as exc:
+        # The run could not start (workdir locked, outputs unwritable): cron
+        # and monitoring still get a report.  Not the default one when the
+        # workdir is locked: that belongs to the run holding the lock.
+        failed = RunResult(status="not_started", error=exc)
+        doc = report.build(loaded, failed, exc.exit_code, started)
+        if not isinstance(exc, RunLockedError):
+            report.write(doc, runner.paths.default_report)
+        if args.report:
+            report.write(doc, args.report)
+        raise
     error = result.error
     exit_code = error.exit_code if error else 0
     doc = report.build(loaded, result, exit_code, started, prepare_s=runner.prepare_s)

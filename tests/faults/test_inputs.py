@@ -65,6 +65,9 @@ def test_unwritable_output_dir_is_found_before_any_compute(tmp_path: Path) -> No
     assert proc.returncode == 74, proc.stderr
     assert "output" in proc.stderr and "cannot" in proc.stderr
     assert not (tmp_path / ".mpipe/notes/ledger.sqlite").exists()
+    doc = report(tmp_path)
+    assert doc["status"] == "not_started" and doc["exit_code"] == 74
+    assert doc["counts"]["produced"] == 0 and "output" in doc["error"]
 
 
 def test_output_dir_symlinked_outside_the_workdir_is_refused(tmp_path: Path) -> None:

@@ -118,10 +118,12 @@ def test_second_run_on_the_same_workdir_exits_75(tmp_path: Path) -> None:
         if "started producer" in line:
             break
     start = time.monotonic()
-    second = mpipe("run", cfg)
+    second = mpipe("run", cfg, "--report", tmp_path / "second.json")
     assert second.returncode == 75, second.stderr
     assert "another mpipe run" in second.stderr and str(first.pid) in second.stderr
     assert time.monotonic() - start < 5
+    doc = json.loads((tmp_path / "second.json").read_text())
+    assert doc["status"] == "not_started" and doc["exit_code"] == 75
     first.communicate(timeout=60)
     assert first.returncode == 0
 
