@@ -20,6 +20,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The full benchmark of issue 4 (about half an hour; BENCH_ARGS=--quick for a smoke run).
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/mpipe bench $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check mpipe tests examples
 	$(BIN)/mypy

@@ -1,0 +1,207 @@
+"""Timing one whole run in a fresh subprocess: wall time, CPU time, peak memory.
+
+CPU time comes from ``getrusage(RUSAGE_CHILDREN)`` deltas, which count a
+process only once it has been reaped, and count its descendants only if they
+were reaped in turn.  A pool's helpers (multiprocessing's forkserver and
+resource tracker, loky's workers) may outlive the process that started them and
+be re-parented away, taking their CPU time with them.  So the harness makes
+itself a *child subreaper*: orphans come back to it, and :func:`run_timed`
+reaps every descendant after each run, so nothing from one run is still
+running (or unaccounted) when the next starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PR_SET_CHILD_SUBREAPER = 36
+# How long a run's leftover helpers get to notice their parent is gone.
+REAP_DEADLINE_S = 15.0
+
+
+def become_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass
+class Sample:
+    """One timed run."""
+
+    wall_s: float
+    cpu_s: float  # user + sys of the run's whole process tree
+    returncode: int
+    cores: int
+    peak_rss_bytes: int | None = None
+    peak_processes: int | None = None
+    stragglers: int = 0  # descendants still alive after the deadline (killed)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_pct(self) -> float:
+        """CPU utilisation of the machine: CPU seconds / (wall * cores)."""
+        return 100.0 * self.cpu_s / (self.wall_s * self.cores) if self.wall_s > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "wall_s": round(self.wall_s, 4), "cpu_s": round(self.cpu_s, 4),
+            "cpu_pct": round(self.cpu_pct, 1), "returncode": self.returncode,
+        }
+        if self.peak_rss_bytes is not None:
+            doc["peak_rss_bytes"] = self.peak_rss_bytes
+            doc["peak_processes"] = self.peak_processes
+        if self.stragglers:
+            doc["stragglers"] = self.stragglers
+        doc.update(self.extra)
+        return doc
+
+
+class _TreeMemory(threading.Thread):
+    """Samples the summed RSS of a process and all its descendants."""
+
+    def __init__(self, pid: int, interval_s: float) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak = 0
+        self.peak_processes = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._halt.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                    pass
+            if total > self.peak:
+                self.peak = total
+            self.peak_processes = max(self.peak_processes, len(procs))
+            self._halt.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def _cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _reap_all(deadline_s: float) -> int:
+    """Wait for every descendant (orphans come back to us); kill the slow ones."""
+    import psutil
+
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if pid:
+            continue
+        if time.monotonic() >= end:
+            break
+        time.sleep(0.005)
+    left = psutil.Process().children(recursive=True)
+    for p in left:
+        logger.warning("killing a leftover process: pid %d %s", p.pid, p.name())
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    return len(left)
+
+
+def run_timed(cmd: list[str], *, cores: int, log: Path, env: dict[str, str] | None = None,
+              cwd: Path | None = None, timeout_s: float = 1800.0,
+              memory_interval_s: float | None = None) -> Sample:
+    """Run ``cmd`` to its end; wall time from just before start to its exit."""
+    with open(log, "wb") as out:
+        cpu0 = _cpu_children()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        sampler = None
+        if memory_interval_s is not None:
+            sampler = _TreeMemory(proc.pid, memory_interval_s)
+            sampler.start()
+        try:
+            rc = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        wall = time.perf_counter() - t0
+        if sampler is not None:
+            sampler.stop()
+        stragglers = _reap_all(REAP_DEADLINE_S)
+        cpu = _cpu_children() - cpu0
+    sample = Sample(wall_s=wall, cpu_s=cpu, returncode=rc, cores=cores, stragglers=stragglers)
+    if sampler is not None:
+        sample.peak_rss_bytes = sampler.peak
+        sample.peak_processes = sampler.peak_processes
+    if rc != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        logger.error("%s exited %d; log %s:\n%s", " ".join(cmd), rc, log, tail)
+    return sample
+
+
+def run_group(cmds: list[list[str]], *, cores: int, logs: list[Path],
+              env: dict[str, str] | None = None, timeout_s: float = 1800.0) -> Sample:
+    """Start several commands together; the wall time ends when the last exits."""
+    handles = [open(log, "wb") for log in logs]  # noqa: SIM115 (closed below)
+    try:
+        cpu0 = _cpu_children()
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(c, stdout=h, stderr=subprocess.STDOUT, env=env)
+                 for c, h in zip(cmds, handles, strict=True)]
+        deadline = time.monotonic() + timeout_s
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(max(0.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
+        wall = time.perf_counter() - t0
+        stragglers = _reap_all(REAP_DEADLINE_S)
+        cpu = _cpu_children() - cpu0
+    finally:
+        for h in handles:
+            h.close()
+    rc = next((c for c in codes if c != 0), 0)
+    if rc != 0:
+        logger.error("a floor process exited %d; logs %s", rc, ", ".join(map(str, logs)))
+    return Sample(wall_s=wall, cpu_s=cpu, returncode=rc, cores=cores, stragglers=stragglers)

@@ -1,0 +1,62 @@
+"""``mpipe bench --quick``: the harness runs end to end and writes what it promises.
+
+A smoke test of the harness, never a timing test: the numbers of a quick run on
+a shared machine mean nothing, so only their presence and sign are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tests.conftest import mpipe
+
+RUNNERS = {"mpipe", "floor", "pool", "ppe", "joblib"}
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_bench_quick_writes_results_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = mpipe("bench", "--quick", "--out", out, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Issue 4 targets" in proc.stdout
+
+    doc = json.loads((out / "results.json").read_text())
+    assert {"command", "machine", "plan", "suites", "targets", "elapsed_s"} <= doc.keys()
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["python"]
+    assert set(doc["suites"]) == {"compute", "io", "durable", "overhead"}
+    assert not doc["failed_runs"] and not doc["totals_disagree"]
+
+    compute = doc["suites"]["compute"]
+    assert compute["tasks"] == 2 and [c["workers"] for c in compute["configs"]] == [1, 2]
+    for cfg in compute["configs"]:
+        assert set(cfg["summary"]) == RUNNERS
+        for name, s in cfg["summary"].items():
+            assert _positive(s["median_wall_s"]) and _positive(s["median_cpu_pct"]), name
+            if name != "mpipe":
+                assert _positive(s["median_ratio"]), name
+        for runs in cfg["runs"].values():
+            assert all(r["returncode"] == 0 and _positive(r["cpu_s"]) for r in runs)
+        assert all(cfg["agree"].values())
+
+    for key in ("io", "durable"):
+        s = doc["suites"][key]
+        assert {"mpipe", "floor", "pool", "ppe", "joblib"} <= s["summary"].keys()
+        assert all(_positive(v["median_wall_s"]) for v in s["summary"].values())
+    assert _positive(doc["suites"]["durable"]["disk_time_s"])
+    assert "mpipe (no fsync)" in doc["suites"]["durable"]["summary"]
+
+    overhead = doc["suites"]["overhead"]
+    assert _positive(overhead["empty"]["summary"]["mpipe"]["median_wall_s"])
+    assert math.isfinite(overhead["per_item"]["median_per_item_ms"])
+    peaks = overhead["memory"]["median_peak_rss_bytes"]
+    assert len(peaks) == 2 and all(_positive(v) for v in peaks.values())
+
+    assert doc["targets"] and all({"target", "measured", "bound", "met"} <= t.keys()
+                                  for t in doc["targets"])
+    png = out / "speedup.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
