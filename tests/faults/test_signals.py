@@ -72,9 +72,9 @@ def test_signal_commits_what_finished_then_resume_completes(
 
 def test_second_sigint_stops_at_once(tmp_path: Path) -> None:
     make_inputs(tmp_path, 4)
-    cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2, fn=SLEEPY,
-                       extra="shutdown_grace_s: 120\n")
-    proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "60"})
+    cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2, fn=SLEEPY)
+    proc = start_mpipe("run", cfg, "--log-level", "INFO", "--set", "shutdown_grace_s=120",
+                       env={"MPIPE_TEST_SLEEP_S": "60"})
     assert proc.stderr is not None
     for line in proc.stderr:
         if "started producer" in line:
