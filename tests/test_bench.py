@@ -55,8 +55,11 @@ def test_bench_quick_writes_results_and_plot(tmp_path: Path) -> None:
     assert math.isfinite(overhead["per_item"]["median_per_item_ms"])
     peaks = overhead["memory"]["median_peak_rss_bytes"]
     assert len(peaks) == 2 and all(_positive(v) for v in peaks.values())
+    sums = overhead["memory"]["median_sum_process_peaks_bytes"]
+    assert all(sums[k] >= peaks[k] for k in peaks)
 
     assert doc["targets"] and all({"target", "measured", "bound", "met"} <= t.keys()
                                   for t in doc["targets"])
+    assert "| tasks | workers | wall s |" in (out / "tables.md").read_text()
     png = out / "speedup.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -48,6 +48,7 @@ class Sample:
     cores: int
     peak_rss_bytes: int | None = None
     peak_processes: int | None = None
+    sum_process_peaks_bytes: int | None = None
     stragglers: int = 0  # descendants still alive after the deadline (killed)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -64,6 +65,7 @@ class Sample:
         if self.peak_rss_bytes is not None:
             doc["peak_rss_bytes"] = self.peak_rss_bytes
             doc["peak_processes"] = self.peak_processes
+            doc["sum_process_peaks_bytes"] = self.sum_process_peaks_bytes
         if self.stragglers:
             doc["stragglers"] = self.stragglers
         doc.update(self.extra)
@@ -79,6 +81,9 @@ class _TreeMemory(threading.Thread):
         self.interval_s = interval_s
         self.peak = 0
         self.peak_processes = 0
+        # Per process: the tree's peak depends on whether the workers' own peaks
+        # happen to coincide, which gets likelier the more tasks a run has.
+        self.per_process: dict[int, int] = {}
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -96,9 +101,11 @@ class _TreeMemory(threading.Thread):
             total = 0
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-                    pass
+                    continue
+                total += rss
+                self.per_process[p.pid] = max(self.per_process.get(p.pid, 0), rss)
             if total > self.peak:
                 self.peak = total
             self.peak_processes = max(self.peak_processes, len(procs))
@@ -172,6 +179,7 @@ def run_timed(cmd: list[str], *, cores: int, log: Path, env: dict[str, str] | No
     if sampler is not None:
         sample.peak_rss_bytes = sampler.peak
         sample.peak_processes = sampler.peak_processes
+        sample.sum_process_peaks_bytes = sum(sampler.per_process.values())
     if rc != 0:
         tail = log.read_text(errors="replace")[-2000:]
         logger.error("%s exited %d; log %s:\n%s", " ".join(cmd), rc, log, tail)

@@ -204,6 +204,8 @@ def overhead(e: Env, plan: Plan, progress: Progress, *, env_no_cache: Env) -> di
     peaks_big = [s.peak_rss_bytes or 0 for s in mem.samples[f"T={big}"]]
     peaks_small = [s.peak_rss_bytes or 0 for s in mem.samples[f"T={small}"]]
     ratios = [a / b for a, b in zip(peaks_big, peaks_small, strict=False) if b]
+    per_proc = {name: statistics.median(s.sum_process_peaks_bytes or 0 for s in mem.samples[name])
+                for name in (f"T={big}", f"T={small}")}
     return {
         "empty": {"tasks": 0, "workers": 2, **start.as_json()},
         "per_item": {"items": plan.items, "stages": 3, "workers_per_stage": plan.trivial_workers,
@@ -219,6 +221,9 @@ def overhead(e: Env, plan: Plan, progress: Progress, *, env_no_cache: Env) -> di
                                              f"T={small}": int(statistics.median(peaks_small))},
                    "ratios": [round(r, 4) for r in ratios],
                    "median_ratio": round(statistics.median(ratios), 4) if ratios else None,
+                   "median_sum_process_peaks_bytes": {k: int(v) for k, v in per_proc.items()},
+                   "sum_process_peaks_ratio": (round(per_proc[f"T={big}"] / per_proc[f"T={small}"],
+                                                     4) if per_proc[f"T={small}"] else None),
                    **mem.as_json()},
     }
 
