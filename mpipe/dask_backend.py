@@ -68,7 +68,7 @@ from mpipe.context import StageContext, resolve_inside
 from mpipe.errors import ConfigError, MpipeError, OutputError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, WorkItem
 from mpipe.outputs import atomic_dir
-from mpipe.pool import TIMELINE_CAP, StageStats
+from mpipe.pool import StageStats
 from mpipe.worker import WorkerSpec, _run_one
 
 try:
@@ -651,17 +651,7 @@ class DaskStagePool:
             hint="check the scheduler; run the same command again to resume"))
 
     def _done(self, reply: ItemDone) -> None:
-        stats = self.stats
-        stats.done += 1
-        stats.busy_s += reply.busy_s
-        stats.io_s += reply.io_s
-        stats.cpu_wait_s += reply.cpu_wait_s
-        mine = stats.per_worker.setdefault(reply.worker, {"items": 0, "busy_s": 0.0})
-        mine["items"] += 1
-        mine["busy_s"] += reply.busy_s
-        if len(stats.timeline) < TIMELINE_CAP:
-            stats.timeline.append((reply.worker, reply.key, reply.started_at,
-                                   reply.busy_s, reply.io_s, reply.cpu_wait_s))
+        self.stats.record(reply)
         self._on_done(self.name, reply)
 
     def _attempt_failed(self, item: WorkItem, failure: ItemFailure) -> None:

@@ -71,6 +71,19 @@ class StageStats:
     # for the timeline plot; capped so a million-item run stays small.
     timeline: list[tuple[str, str, float, float, float, float]] = field(default_factory=list)
 
+    def record(self, reply: ItemDone) -> None:
+        """Count a finished attempt (both backends)."""
+        self.done += 1
+        self.busy_s += reply.busy_s
+        self.io_s += reply.io_s
+        self.cpu_wait_s += reply.cpu_wait_s
+        mine = self.per_worker.setdefault(reply.worker, {"items": 0, "busy_s": 0.0})
+        mine["items"] += 1
+        mine["busy_s"] += reply.busy_s
+        if len(self.timeline) < TIMELINE_CAP:
+            self.timeline.append((reply.worker, reply.key, reply.started_at,
+                                  reply.busy_s, reply.io_s, reply.cpu_wait_s))
+
 
 TIMELINE_CAP = 50_000
 MAX_PREFETCH = 64
@@ -306,17 +319,7 @@ class StagePool:
                       if w.held and self.config.timeout_s else None)
         self._crash_streak = 0
         if isinstance(reply, ItemDone):
-            stats = self.stats
-            stats.done += 1
-            stats.busy_s += reply.busy_s
-            stats.io_s += reply.io_s
-            stats.cpu_wait_s += reply.cpu_wait_s
-            mine = stats.per_worker.setdefault(reply.worker, {"items": 0, "busy_s": 0.0})
-            mine["items"] += 1
-            mine["busy_s"] += reply.busy_s
-            if len(stats.timeline) < TIMELINE_CAP:
-                stats.timeline.append((reply.worker, reply.key, reply.started_at,
-                                       reply.busy_s, reply.io_s, reply.cpu_wait_s))
+            self.stats.record(reply)
             self._adapt_depth(reply.busy_s)
             self._on_done(self.name, reply)
         else:
