@@ -60,16 +60,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from mpipe import imports
-from mpipe.config import DaskConfig, StageConfig
 from mpipe.context import StageContext, resolve_inside
 from mpipe.errors import ConfigError, MpipeError, OutputError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, WorkItem
 from mpipe.outputs import atomic_dir
-from mpipe.pool import StageStats
 from mpipe.worker import WorkerSpec, _run_one
+
+if TYPE_CHECKING:
+    # Not at run time: Dask workers import this module for run_item(), and
+    # mpipe.config (pydantic, via mpipe.pool) would add ~0.1 s to each
+    # worker's start for nothing.
+    from mpipe.config import DaskConfig, StageConfig
 
 try:
     import dask
@@ -417,6 +421,8 @@ class DaskStagePool:
         on_fatal: Callable[[MpipeError], None],
         stop_requested: Callable[[], bool] | None = None,
     ) -> None:
+        from mpipe.pool import StageStats  # runner side only (see the imports)
+
         self.name = name
         self.config = config
         self._session = session
