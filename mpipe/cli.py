@@ -15,13 +15,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from mpipe import __version__, logsetup
-from mpipe.config import LoadedConfig, load_config
 from mpipe.errors import MpipeError, RunLockedError
+
+if TYPE_CHECKING:
+    # Imported where used: `mpipe run` starts the forkserver before paying for
+    # pydantic, yaml and rich (see mpipe.forkserver).
+    from rich.console import Console
+
+    from mpipe.config import LoadedConfig
 
 logger = logging.getLogger("mpipe")
 
@@ -185,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"mpipe: error: cannot open the log file {args.log_file}: {exc.strerror}",
               file=sys.stderr)
         sys.exit(2)
+    if args.command == "run":
+        from mpipe import forkserver
+
+        forkserver.start()
     try:
         code = COMMANDS[args.command](args)
     except MpipeError as exc:
@@ -197,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     # A pipe has no width: rich would assume 80 columns and fold the table.
     wide = sys.stdout.isatty() or "COLUMNS" in os.environ
     return Console(file=sys.stdout, width=None if wide else 120)
@@ -204,6 +214,7 @@ def _console() -> Console:
 
 def _load(args: argparse.Namespace) -> LoadedConfig:
     from mpipe import imports
+    from mpipe.config import load_config
     from mpipe.state import RunPaths
 
     loaded = load_config(args.config, args.overrides)
@@ -215,6 +226,8 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
         named.append(("consumer.fn", cfg.consumer.fn))
     if cfg.prepare:
         named.append(("prepare.fn", cfg.prepare.fn))
+    # Imported here, before anything starts: a misspelt name is a config error
+    # (exit 2) with its YAML line, and no run state is created.
     for key, fn in named:
         imports.resolve(fn, key, cfg.allowed_modules, loaded.base_dir, where=loaded.where(key))
     RunPaths.for_config(loaded)  # path checks

@@ -44,6 +44,7 @@ class ConsumerSpec:
     workdir: str
     allow_outside_workdir: bool
     log_level: int
+    pipeline_dir: str
     writers: int = 1
 
 
@@ -59,8 +60,7 @@ def consumer_main(
     total: Any = None
     try:
         if spec.fn is not None:
-            module, _, attr = spec.fn.partition(":")
-            fn = getattr(__import__(module, fromlist=[attr]), attr)
+            fn = imports.import_checked(spec.fn, spec.pipeline_dir)
             ctx = SourceContext(spec.params, Path(spec.workdir), spec.allow_outside_workdir)
             total = imports.call_with_optional_context(fn, iter(stream), ctx=ctx)
         stream.drain()

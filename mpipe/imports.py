@@ -21,14 +21,22 @@ from mpipe.errors import ConfigError
 
 
 def add_pipeline_dir(base_dir: Path) -> None:
-    """Make the pipeline's own modules importable (here and in children).
-
-    Children started by the forkserver inherit ``sys.path`` from the runner, so
-    this must run before the first child process starts.
-    """
+    """Make the pipeline's own modules importable here (children: :func:`import_checked`)."""
     entry = str(base_dir)
     if entry not in sys.path:
         sys.path.insert(0, entry)
+
+
+def import_checked(name: str, pipeline_dir: str) -> Callable[..., Any]:
+    """Import ``"module:function"`` in a child; the runner has checked the name.
+
+    The forkserver may have started before the config was read (``mpipe run``
+    starts it first, to overlap its imports with the runner's), so a child
+    cannot rely on an inherited ``sys.path`` for the pipeline's own modules.
+    """
+    add_pipeline_dir(Path(pipeline_dir))
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
 def is_allowed(module: str, allowed: Sequence[str], base_dir: Path) -> bool:

@@ -60,6 +60,7 @@ class ProducerSpec:
     config_fingerprint: str
     ledger_path: str | None  # None: --fresh, or nothing committed yet
     log_level: int
+    pipeline_dir: str
     limit: int | None = None  # --limit: stop after this many items
 
 
@@ -69,9 +70,8 @@ def producer_main(
     procs.child_setup("producer", lifeline, spec.log_level)
     ctx = SourceContext(spec.params, Path(spec.workdir), spec.allow_outside_workdir)
     committed = ledger.open_for_reading(Path(spec.ledger_path)) if spec.ledger_path else None
-    module, _, attr = spec.fn.partition(":")
     try:
-        fn = getattr(__import__(module, fromlist=[attr]), attr)
+        fn = imports.import_checked(spec.fn, spec.pipeline_dir)
         seen: set[str] = set()
         items = imports.call_with_optional_context(fn, ctx=ctx)
         for index, raw in enumerate(items):

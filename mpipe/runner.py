@@ -26,6 +26,7 @@
                                             v                      |
                                           runner --(after writer exits)--> seal: rename
                                                                    to results.h5
+                                          (writer-seal waits from the start)
 
 Who reads and writes what:
 
@@ -65,14 +66,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Protocol
 
-from mpipe import imports, outputs, procs
+from mpipe import forkserver, imports, outputs, procs
 from mpipe.config import LoadedConfig
 from mpipe.consumer import ConsumerSpec, consumer_main
 from mpipe.errors import (
@@ -154,7 +154,7 @@ class Runner:
         self.fresh = fresh
         self.log_level = log_level
         self._lock = RunLock(self.paths.lock)
-        self._mp = get_context("forkserver")
+        self._mp = forkserver.context()
         self._children: list[BaseProcess] = []
         self._pools: list[Pool] = []
         self._signals: list[int] = []
@@ -163,6 +163,9 @@ class Runner:
         self._old_wakeup_fd = -1
         self._t0 = time.monotonic()
         self.prepare_s = 0.0
+        self._sealer: BaseProcess | None = None
+        self._sealing = False
+        self._seal_exitcode: int | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -224,9 +227,7 @@ class Runner:
 
     def _start(self) -> None:
         cfg = self.config
-        modules = sorted({fn.partition(":")[0] for fn in self._stage_fns()})
-        self._mp.set_forkserver_preload(
-            ["mpipe.forkserver_init", "mpipe.worker", "numpy", *modules])
+        forkserver.start()  # `mpipe run` started it already, overlapping its own imports
         self._lifeline_r, self._lifeline_w = self._mp.Pipe(duplex=False)
         self.stop_event = self._mp.Event()
         self.results_lock = self._mp.Lock()
@@ -242,6 +243,7 @@ class Runner:
         )
         params = dict(cfg.params)
         workdir = str(self.paths.workdir)
+        pipeline_dir = str(self.loaded.base_dir.resolve())
 
         # Sink first, so the writer is up before results arrive.  Every queue
         # and semaphore is kept referenced here for the whole run: a child
@@ -250,7 +252,8 @@ class Runner:
         self._sink_queue = self._mp.Queue(cfg.writer.queue_size)
         self._writer_queue = writer_queue = self._mp.Queue(cfg.writer.queue_size)
         writer_spec = WriterSpec(str(self.paths.results_tmp), str(self.paths.ledger), cfg.fsync,
-                                 cfg.writer.lock_timeout_s, self.log_level)
+                                 cfg.writer.lock_timeout_s, self.log_level,
+                                 keep_open=cfg.writer.workers == 1)
         self._writers: list[tuple[BaseProcess, Connection]] = []
         for i in range(cfg.writer.workers):
             conn, writer_end = self._mp.Pipe(duplex=False)
@@ -259,10 +262,17 @@ class Runner:
                 writer_spec, writer_queue, writer_end, self.results_lock, self._lifeline_r))
             writer_end.close()
             self._writers.append((process, conn))
+        # The sealer waits from the start, its h5py import paid while the run goes.
+        self._seal_conn, seal_end = self._mp.Pipe()
+        self._sealer = self._mp.Process(target=seal_main, name="writer-seal",
+                                        args=(seal_end, self._lifeline_r, self.log_level))
+        self._sealer.start()
+        seal_end.close()
         self._consumer_conn, consumer_end = self._mp.Pipe(duplex=False)
         self._consumer = self._spawn("consumer", consumer_main, (
             ConsumerSpec(cfg.consumer.fn if cfg.consumer else None, params, workdir,
-                         cfg.allow_outside_workdir, self.log_level, cfg.writer.workers),
+                         cfg.allow_outside_workdir, self.log_level, pipeline_dir,
+                         cfg.writer.workers),
             self._sink_queue, writer_queue, consumer_end, self._lifeline_r))
         consumer_end.close()
 
@@ -273,7 +283,7 @@ class Runner:
             def spec(worker_name: str, slot: int, stage: str = name, fn: str = stage_cfg.fn
                      ) -> WorkerSpec:
                 return WorkerSpec(stage, worker_name, slot, fn, params, workdir, cfg.fsync,
-                                  cfg.allow_outside_workdir, self.log_level)
+                                  cfg.allow_outside_workdir, self.log_level, pipeline_dir)
 
             pool: Pool
             if self.loaded.stage_backend(name) == "dask":
@@ -291,7 +301,8 @@ class Runner:
         ledger = None if self.fresh else str(self.paths.ledger)
         self._producer = self._spawn("producer", producer_main, (
             ProducerSpec(cfg.source.fn, params, workdir, cfg.allow_outside_workdir,
-                         config_fingerprint(cfg), ledger, self.log_level, self._limit),
+                         config_fingerprint(cfg), ledger, self.log_level, pipeline_dir,
+                         self._limit),
             self._source_queue, self._lifeline_r, self.stop_event))
         self._startup_s = time.monotonic() - self._t0
 
@@ -317,11 +328,6 @@ class Runner:
         logger.info("started %s (pid %s)", name, process.pid)
         self._children.append(process)
         return process
-
-    def _stage_fns(self) -> list[str]:
-        cfg = self.config
-        fns = [cfg.source.fn, *(s.fn for s in cfg.stages.values())]
-        return fns + ([cfg.consumer.fn] if cfg.consumer else [])
 
     # ------------------------------------------------------------------ the loop
 
@@ -654,47 +660,47 @@ class Runner:
                            failures=s.failures, startup_s=self._startup_s,
                            loop_started_at=self._loop_started_at)
         result.stages = {p.name: p.stats for p in self._pools}
-        self._teardown(grace_s=0 if s.hard_stop else self.config.shutdown_grace_s)
+        accounted = s.committed + s.skipped + len(s.failures)
         if s.errors:
             result.status, result.error = "broken", s.errors[0]
         elif s.signal is not None:
             result.status = "interrupted"
             result.error = InterruptedRunError(s.signal, s.committed)
+        elif s.produced != accounted:
+            result.status = "broken"
+            result.error = PipelineBrokenError(
+                f"invariant broken: {s.produced} items produced but {s.committed} committed "
+                f"+ {s.skipped} skipped + {len(s.failures)} failed = {accounted}")
         else:
-            accounted = s.committed + s.skipped + len(s.failures)
-            if s.produced != accounted:
-                result.status = "broken"
-                result.error = PipelineBrokenError(
-                    f"invariant broken: {s.produced} items produced but {s.committed} committed "
-                    f"+ {s.skipped} skipped + {len(s.failures)} failed = {accounted}")
-            else:
-                result.wall_s = time.monotonic() - self._t0
-                self._seal(result)
-                if s.failures:
-                    result.status = "items_failed"
-                    result.error = ItemsFailedError(len(s.failures), s.produced, None)
+            # Every writer has exited: the sealer may open the file now, while
+            # the workers are being stopped.
+            result.wall_s = time.monotonic() - self._t0
+            self._seal_conn.send(SealSpec(
+                str(self.paths.results_tmp), str(self.paths.results), s.produced,
+                s.total if s.total is not None else dumps(None),
+                run_metadata(self.loaded, result), self.config.fsync))
+            self._sealing = True
+        self._teardown(grace_s=0 if s.hard_stop else self.config.shutdown_grace_s)
+        if self._sealing:
+            self._seal_outcome(result)
+            if result.error is None and s.failures:
+                result.status = "items_failed"
+                result.error = ItemsFailedError(len(s.failures), s.produced, None)
         result.total = loads(s.total) if s.total is not None else None
         result.wall_s = time.monotonic() - self._t0
         return result
 
-    def _seal(self, result: RunResult) -> None:
-        s = self._state
-        conn, end = self._mp.Pipe(duplex=False)
-        spec = SealSpec(str(self.paths.results_tmp), str(self.paths.results), s.produced,
-                        s.total if s.total is not None else dumps(None),
-                        run_metadata(self.loaded, result), self.config.fsync, self.log_level)
-        sealer = self._spawn("writer-seal", seal_main, (spec, end, self._lifeline_r))
-        end.close()
-        ready = wait([conn, sealer.sentinel], SINK_DEADLINE_S)
-        reply = conn.recv() if conn in ready or _poll(conn) else None
-        procs.stop_processes([sealer], grace_s=10)
+    def _seal_outcome(self, result: RunResult) -> None:
+        """Read what the sealer answered (it has exited: teardown waited for it)."""
+        reply = self._seal_conn.recv() if _poll(self._seal_conn) else "no answer"
+        self._seal_conn.close()
         if isinstance(reply, ProcessFailed):
             error: MpipeError = (OutputError(reply.message) if reply.exit_code == 74
                                  else PipelineBrokenError(reply.message))
             result.status, result.error = "broken", error
-        elif sealer.exitcode != 0:
+        elif reply is not None or self._seal_exitcode != 0:
             result.status = "broken"
-            how = procs.describe_exit(sealer.exitcode)
+            how = procs.describe_exit(self._seal_exitcode)
             result.error = PipelineBrokenError(f"sealing the results file failed: it {how}")
         else:
             result.results_path = str(self.paths.results)
@@ -719,6 +725,12 @@ class Runner:
             self._sink_queue.put(dumps(EndOfStream("runner")))
             self._state.sink_closed = True
         procs.stop_processes(self._children, grace_s=min(grace_s, 10.0))
+        if self._sealer is not None:
+            if not self._sealing:
+                self._seal_conn.close()  # EOF: exit without sealing
+            procs.stop_processes([self._sealer], grace_s=SINK_DEADLINE_S if self._sealing else 5.0)
+            self._seal_exitcode = self._sealer.exitcode
+            self._sealer = None
         for q in ("_source_queue", "_sink_queue"):
             if hasattr(self, q):
                 getattr(self, q).close()

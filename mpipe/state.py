@@ -11,6 +11,7 @@ Layout under the workdir::
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -18,8 +19,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from mpipe import __version__
 from mpipe.config import LoadedConfig, PipelineConfig
@@ -89,7 +88,8 @@ def versions() -> dict[str, str]:
     return {
         "mpipe": __version__,
         "python": sys.version.split()[0],
-        "numpy": np.__version__,
+        # Not numpy.__version__: the runner never imports numpy (0.1 s at start-up).
+        "numpy": importlib.metadata.version("numpy"),
         "platform": platform.platform(),
     }
 

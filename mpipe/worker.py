@@ -63,6 +63,7 @@ class WorkerSpec:
     fsync: bool
     allow_outside_workdir: bool
     log_level: int
+    pipeline_dir: str
 
 
 def worker_main(
@@ -76,9 +77,7 @@ def worker_main(
     running: Any,
 ) -> None:
     procs.child_setup(spec.name, lifeline, spec.log_level)
-    # The runner checked this name against allowed_modules before starting us.
-    module, _, attr = spec.fn.partition(":")
-    fn = getattr(__import__(module, fromlist=[attr]), attr)
+    fn = imports.import_checked(spec.fn, spec.pipeline_dir)
     with_ctx = imports.takes_context(fn, 1)
     ctx = StageContext(
         stage=spec.stage,

@@ -1,28 +1,34 @@
-"""The writer process: the only process that opens the HDF5 results file.
+"""The writer processes: the only processes that open the HDF5 results file.
 
-It takes batches of finished items from the consumer, and for each batch,
-holding the results lock (acquired with a deadline: a ``multiprocessing.Lock``
-whose holder was killed is never released, gh-88304):
+The writer takes batches of finished items from the consumer, and for each
+batch, holding the results lock (acquired with a deadline: a
+``multiprocessing.Lock`` whose holder was killed is never released, gh-88304):
 
-1. opens the run's temporary results file, writes one row per item, closes it;
+1. writes one row per item into the run's temporary results file;
 2. commits the items to the resume ledger (SQLite, synchronous);
 3. tells the runner which keys are now committed.
 
 h5py is imported here, inside the process, and the file is opened only after
 the process has started: an HDF5 file opened before a fork and used in the
-child can hang or read garbage (h5py#934, #2584).  The file is opened for each
-batch and closed before the lock is released, so at no time do two processes
-hold it open for writing, and the temporary file is complete after every batch.
+child can hang or read garbage (h5py#934, #2584).  A single writer (the
+default) keeps the file open from its first batch to its end: opening and
+closing it per batch cost two thirds of the writer's time.  With
+``writer.workers`` > 1 each writer opens it under the lock and closes it before
+releasing the lock, so two processes never hold it open for writing.  The
+temporary file need not be complete between batches: a run that dies leaves it
+behind, the next run deletes it, and committed rows are replayed from the
+ledger.
 
-:func:`seal_main` runs last, in its own writer process, once the writer has
-exited: it adds the consumer's total and the run's metadata, fsyncs, and
-renames the temporary file over the final one, so ``results.h5`` is always
-either the previous complete file or the new complete one, never a torn one.
+:func:`seal_main` is the last writer-side process.  It starts with the others
+(so its h5py import is paid while the run is going), waits, and once every
+writer has exited the runner sends it a :class:`SealSpec`: it adds the
+consumer's total and the run's metadata, fsyncs, and renames the temporary
+file over the final one, so ``results.h5`` is always either the previous
+complete file or the new complete one, never a torn one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -34,13 +40,10 @@ from multiprocessing.synchronize import Lock
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mpipe import ledger, procs
 from mpipe.messages import (
     Committed,
     EndOfStream,
-    ItemFailure,
     ProcessFailed,
     SinkItem,
     loads,
@@ -59,6 +62,7 @@ class WriterSpec:
     fsync: bool
     lock_timeout_s: float
     log_level: int
+    keep_open: bool  # the only writer: keep the file open between batches
 
 
 def writer_main(
@@ -71,7 +75,10 @@ def writer_main(
     procs.child_setup("writer", lifeline, spec.log_level)
     import h5py  # only here: see the module docstring
 
+    from mpipe import hdf5rows
+
     store = ledger.Ledger(Path(spec.ledger_path), fsync=spec.fsync)
+    f: Any = None
     try:
         ended = False
         while not ended:
@@ -84,8 +91,12 @@ def writer_main(
                     "its holder died or is stuck"
                 )
             try:
-                with h5py.File(spec.tmp_path, "a") as f:
-                    rejected = _write_rows(f, batch)
+                if f is None:
+                    f = h5py.File(spec.tmp_path, "a")
+                rejected = hdf5rows.write_rows(f, batch)
+                if not spec.keep_open:
+                    f.close()
+                    f = None
                 good = [m for m in batch if m.key not in {r.key for r in rejected}]
                 store.commit(
                     ledger.Entry(m.key, m.fingerprint, m.value) for m in good if not m.replayed
@@ -99,12 +110,17 @@ def writer_main(
                     rejected=tuple(rejected),
                 )
             )
+        if f is not None:
+            f.close()
+            f = None
     except OSError as exc:
         conn.send(ProcessFailed("writer", str(output_error(exc, Path(spec.tmp_path), "write")),
                                 traceback.format_exc(), exit_code=74))
     except Exception as exc:
         conn.send(ProcessFailed("writer", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     finally:
+        if f is not None:
+            f.close()
         store.close()
 
 
@@ -126,69 +142,6 @@ def _next_batch(inbox: Queue[bytes]) -> tuple[list[SinkItem], bool]:
             return batch, False
 
 
-def _write_rows(f: Any, batch: list[SinkItem]) -> list[ItemFailure]:
-    rejected: list[ItemFailure] = []
-    rows: list[tuple[int, str, np.ndarray[Any, Any]]] = []
-    shape: tuple[int, ...] | None = f["results"].shape[1:] if "results" in f else None
-    for message in batch:
-        try:
-            row = _as_row(loads(message.value))
-            if shape is None:
-                shape = row.shape
-            elif row.shape != shape:
-                raise ValueError(f"shape {row.shape} differs from the first result's {shape}")
-        except (TypeError, ValueError) as exc:
-            rejected.append(ItemFailure(
-                index=message.index, key=message.key, stage="writer", worker="writer",
-                kind="raised", message=f"its result cannot go into the results file: {exc}",
-            ))
-            continue
-        rows.append((message.index, message.key, row))
-    if not rows:
-        return rejected
-    rows.sort(key=lambda r: r[0])
-    _ensure_datasets(f, rows[0][2], rows[-1][0] + 1)
-    results, keys, done = f["results"], f["keys"], f["done"]
-    # One write per run of consecutive rows: h5py costs tens of microseconds
-    # per call, which a row at a time would pay for every item.
-    start = 0
-    for end in range(1, len(rows) + 1):
-        if end == len(rows) or rows[end][0] != rows[end - 1][0] + 1:
-            first, last = rows[start][0], rows[end - 1][0] + 1
-            results[first:last] = np.stack([r[2] for r in rows[start:end]])
-            keys[first:last] = [r[1] for r in rows[start:end]]
-            done[first:last] = True
-            start = end
-    return rejected
-
-
-def _as_row(value: Any) -> np.ndarray[Any, Any]:
-    row = np.asarray(value)
-    if row.dtype.kind not in "biuf":
-        raise TypeError(
-            f"the last stage must return a number or a numeric array, got {type(value).__name__}"
-        )
-    return row
-
-
-def _ensure_datasets(f: Any, row: np.ndarray[Any, Any], needed: int) -> None:
-    import h5py
-
-    if "results" not in f:
-        fill = np.nan if row.dtype.kind == "f" else 0
-        f.create_dataset("results", shape=(0, *row.shape), maxshape=(None, *row.shape),
-                         dtype=row.dtype, chunks=(64, *row.shape), fillvalue=fill)
-        f.create_dataset("keys", shape=(0,), maxshape=(None,), chunks=(1024,),
-                         dtype=h5py.string_dtype())
-        f.create_dataset("done", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=bool)
-    results = f["results"]
-    if results.shape[0] < needed:
-        # Grow geometrically: resizing per row would cost O(n^2) over a run.
-        size = max(needed, 2 * results.shape[0])
-        for name in ("results", "keys", "done"):
-            f[name].resize(size, axis=0)
-
-
 @dataclass(frozen=True, slots=True)
 class SealSpec:
     tmp_path: str
@@ -197,29 +150,31 @@ class SealSpec:
     total: bytes
     metadata: dict[str, Any]
     fsync: bool
-    log_level: int
 
 
-def seal_main(spec: SealSpec, conn: Connection, lifeline: Connection) -> None:
-    """Finish the temporary results file and move it into place."""
-    procs.child_setup("writer-seal", lifeline, spec.log_level)
+def seal_main(conn: Connection, lifeline: Connection, log_level: int) -> None:
+    """Wait for the runner's :class:`SealSpec`; finish the file and move it into place.
+
+    ``None`` instead of a spec, or the runner closing the pipe, means the run
+    is not to be sealed (it failed or was interrupted): exit without touching
+    anything.
+    """
+    procs.child_setup("writer-seal", lifeline, log_level)
     import h5py
 
+    from mpipe import hdf5rows
+
+    try:
+        spec = conn.recv()
+    except EOFError:
+        return
+    if spec is None:
+        return
+    assert isinstance(spec, SealSpec), spec
     tmp, final = Path(spec.tmp_path), Path(spec.final_path)
     try:
         with h5py.File(tmp, "a") as f:
-            if "results" in f:
-                for name in ("results", "keys", "done"):
-                    f[name].resize(spec.items, axis=0)
-            total = loads(spec.total)
-            if total is not None:
-                f.create_dataset("total", data=np.asarray(total))
-            metadata = dict(spec.metadata)
-            # h5py is imported only here, in the writer: its versions too.
-            metadata["versions"] = {**metadata.get("versions", {}), "h5py": h5py.__version__,
-                                    "hdf5": h5py.version.hdf5_version}
-            for key, value in metadata.items():
-                f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+            hdf5rows.seal(f, spec.items, loads(spec.total), spec.metadata)
         if spec.fsync:
             fsync_path(tmp)
         os.replace(tmp, final)

@@ -1,0 +1,96 @@
+"""Rows of the results file: what the writer processes do inside HDF5.
+
+Imported only inside the writer processes (``writer`` and ``writer-seal``),
+never by the runner: numpy and h5py stay off the runner's start-up path, and
+h5py is never loaded in a process that forks (h5py#934, #2584).
+
+Layout: ``results`` (one row per item, by item index), ``keys`` (the item's
+key), ``done`` (whether the row was written), then, at the seal, ``total``
+(the consumer's value) and the run's metadata as attributes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mpipe.messages import ItemFailure, SinkItem, loads
+
+
+def write_rows(f: h5py.File, batch: list[SinkItem]) -> list[ItemFailure]:
+    """Write the batch's rows; return the items whose value cannot be a row."""
+    rejected: list[ItemFailure] = []
+    rows: list[tuple[int, str, np.ndarray[Any, Any]]] = []
+    shape: tuple[int, ...] | None = f["results"].shape[1:] if "results" in f else None
+    for message in batch:
+        try:
+            row = _as_row(loads(message.value))
+            if shape is None:
+                shape = row.shape
+            elif row.shape != shape:
+                raise ValueError(f"shape {row.shape} differs from the first result's {shape}")
+        except (TypeError, ValueError) as exc:
+            rejected.append(ItemFailure(
+                index=message.index, key=message.key, stage="writer", worker="writer",
+                kind="raised", message=f"its result cannot go into the results file: {exc}",
+            ))
+            continue
+        rows.append((message.index, message.key, row))
+    if not rows:
+        return rejected
+    rows.sort(key=lambda r: r[0])
+    _ensure_datasets(f, rows[0][2], rows[-1][0] + 1)
+    results, keys, done = f["results"], f["keys"], f["done"]
+    # One write per run of consecutive rows: h5py costs tens of microseconds
+    # per call, which a row at a time would pay for every item.
+    start = 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or rows[end][0] != rows[end - 1][0] + 1:
+            first, last = rows[start][0], rows[end - 1][0] + 1
+            results[first:last] = np.stack([r[2] for r in rows[start:end]])
+            keys[first:last] = [r[1] for r in rows[start:end]]
+            done[first:last] = True
+            start = end
+    return rejected
+
+
+def seal(f: h5py.File, items: int, total: Any, metadata: dict[str, Any]) -> None:
+    """Trim the datasets to the run's items; add the total and the metadata."""
+    if "results" in f:
+        for name in ("results", "keys", "done"):
+            f[name].resize(items, axis=0)
+    if total is not None:
+        f.create_dataset("total", data=np.asarray(total))
+    metadata = dict(metadata)
+    metadata["versions"] = {**metadata.get("versions", {}), "numpy": np.__version__,
+                            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
+    for key, value in metadata.items():
+        f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+def _as_row(value: Any) -> np.ndarray[Any, Any]:
+    row = np.asarray(value)
+    if row.dtype.kind not in "biuf":
+        raise TypeError(
+            f"the last stage must return a number or a numeric array, got {type(value).__name__}"
+        )
+    return row
+
+
+def _ensure_datasets(f: h5py.File, row: np.ndarray[Any, Any], needed: int) -> None:
+    if "results" not in f:
+        fill = np.nan if row.dtype.kind == "f" else 0
+        f.create_dataset("results", shape=(0, *row.shape), maxshape=(None, *row.shape),
+                         dtype=row.dtype, chunks=(64, *row.shape), fillvalue=fill)
+        f.create_dataset("keys", shape=(0,), maxshape=(None,), chunks=(1024,),
+                         dtype=h5py.string_dtype())
+        f.create_dataset("done", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=bool)
+    results = f["results"]
+    if results.shape[0] < needed:
+        # Grow geometrically: resizing per row would cost O(n^2) over a run.
+        size = max(needed, 2 * results.shape[0])
+        for name in ("results", "keys", "done"):
+            f[name].resize(size, axis=0)
