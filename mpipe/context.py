@@ -19,6 +19,7 @@ runner releases them on its behalf when it sees the worker die.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,15 +41,39 @@ class PathEscapeError(ValueError):
 
 
 def resolve_inside(root: Path, relative: str | Path, *, allow_outside: bool) -> Path:
+    """``root / relative`` with every symlink resolved; refused if it leaves ``root``."""
     # os.path.join("workdir", "/abs") drops workdir, and a symlink can point
     # anywhere: resolve first, then check containment.
-    path = (root / relative).resolve()
-    if not allow_outside and not path.is_relative_to(root.resolve()):
+    parent, name = os.path.split(os.path.join(root, relative))
+    if name in ("", ".", ".."):
+        path = os.path.realpath(os.path.join(parent, name))
+    else:
+        path = os.path.join(_real_dir(parent), name)
+        if os.path.islink(path):
+            path = os.path.realpath(path)
+    real_root = _real_dir(str(root))
+    if not allow_outside and path != real_root and not path.startswith(
+            real_root.rstrip(os.sep) + os.sep):
         raise PathEscapeError(
             f"path {str(relative)!r} resolves to {path}, outside the workdir {root}; "
             "set allow_outside_workdir: true if that is intended"
         )
-    return path
+    return Path(path)
+
+
+_REAL_DIRS: dict[str, str] = {}
+
+
+def _real_dir(path: str) -> str:
+    # Path.resolve() lstats every component of every path: 26 inputs of one
+    # task share one directory, so an existing directory is resolved once per
+    # process.  (One swapped for a symlink while a run goes is not noticed.)
+    real = _REAL_DIRS.get(path)
+    if real is None:
+        real = os.path.realpath(path)
+        if len(_REAL_DIRS) < 4096 and os.path.isdir(real):
+            _REAL_DIRS[path] = real
+    return real
 
 
 @dataclass

@@ -32,7 +32,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
@@ -55,6 +55,7 @@ CRASH_LOOP_LIMIT = 5
 
 @dataclass
 class StageStats:
+    workers: int = 0  # the pool's size (items in flight at most, on Dask)
     done: int = 0
     failed: int = 0
     retries: int = 0
@@ -83,6 +84,13 @@ class StageStats:
         if len(self.timeline) < TIMELINE_CAP:
             self.timeline.append((reply.worker, reply.key, reply.started_at,
                                   reply.busy_s, reply.io_s, reply.cpu_wait_s))
+
+    def as_json(self) -> dict[str, Any]:
+        """The fields as JSON-ready values.  Not ``dataclasses.asdict``: it deep-copies
+        every timeline tuple, which took longer than running 10,000 trivial items."""
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        doc["per_worker"] = {name: dict(row) for name, row in self.per_worker.items()}
+        return doc
 
 
 TIMELINE_CAP = 50_000
@@ -165,6 +173,7 @@ class StagePool:
         self._workers: list[_Worker] = []
         self._slots = list(range(first_slot, first_slot + workers))
         self._crash_streak = 0
+        self._handlers: dict[Any, Callable[[], object]] | None = None
         self._serial = 0
         self._depth = 1
         self._mean_busy_s: float | None = None
@@ -198,6 +207,7 @@ class StagePool:
         logger.info("started %s (pid %s)", name, process.pid)
         worker_end.close()
         self._workers.append(_Worker(name=name, slot=slot, process=process, conn=runner_end))
+        self._handlers = None
 
     def processes(self) -> list[BaseProcess]:
         return [w.process for w in self._workers]
@@ -213,6 +223,7 @@ class StagePool:
         for w in self._workers:
             w.conn.close()
         self._workers.clear()
+        self._handlers = None
 
     # ---------------------------------------------------------------- scheduling
 
@@ -221,7 +232,10 @@ class StagePool:
         return sum(len(w.held) for w in self._workers)
 
     def _available(self, w: _Worker) -> bool:
-        return not w.exiting and w.process.exitcode is None
+        # Not process.exitcode: for a forkserver child each read is a poll()
+        # system call, and this runs for every worker on every loop iteration.
+        # A worker that died unnoticed gets its sentinel handled next.
+        return not w.exiting and not w.killed
 
     def idle(self) -> int:
         return sum(1 for w in self._workers if not w.held and self._available(w))
@@ -294,11 +308,13 @@ class StagePool:
     # ---------------------------------------------------------------- events
 
     def wait_objects(self) -> dict[Any, Callable[[], object]]:
-        handlers: dict[Any, Callable[[], object]] = {}
-        for w in self._workers:
-            handlers[w.conn] = functools.partial(self._on_message, w)
-            handlers[w.process.sentinel] = functools.partial(self._on_exit, w)
-        return handlers
+        # Rebuilt only when a worker starts or exits, not on every loop iteration.
+        if self._handlers is None:
+            self._handlers = {}
+            for w in self._workers:
+                self._handlers[w.conn] = functools.partial(self._on_message, w)
+                self._handlers[w.process.sentinel] = functools.partial(self._on_exit, w)
+        return self._handlers
 
     def _on_message(self, w: _Worker) -> bool:
         try:
@@ -333,6 +349,7 @@ class StagePool:
             pass  # answers sent just before it exited
         w.process.join(0)
         self._workers.remove(w)
+        self._handlers = None
         w.conn.close()
         self._release_slots(w)
         exitcode = w.process.exitcode

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,8 @@ def build(loaded: LoadedConfig, result: RunResult, exit_code: int, started_at: f
     """The report of one run; ``started_at`` is the wall clock when the command began."""
     stages = {}
     for name, stats in result.stages.items():
-        entry = asdict(stats)
-        entry["workers"] = loaded.worker_count(name)
+        entry = stats.as_json()
+        entry["workers"] = stats.workers or loaded.worker_count(name)
         entry["io_slots"] = loaded.config.stages[name].io_slots or entry["workers"]
         entry["queue_size"] = loaded.config.stages[name].queue_size
         stages[name] = entry
@@ -89,7 +88,9 @@ def build(loaded: LoadedConfig, result: RunResult, exit_code: int, started_at: f
 def write(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.mpipe-tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    # Not indented: json's C encoder runs only without indent, and a
+    # 10,000-item timeline took 0.35 s with it (`jq .` pretty-prints).
+    tmp.write_text(json.dumps(report) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -51,9 +51,10 @@ Who reads and writes what:
   ``EndOfStream`` (the consumer sends one per writer).  A last writer-side
   process (seal) adds the total and metadata and renames the file into place.
 
-Nothing here sleeps to find out what happened: the loop blocks in
-``multiprocessing.connection.wait`` until a message, a process exit, a signal
-or the nearest item deadline.
+Nothing here sleeps to find out what happened: the loop blocks in one epoll
+set (:mod:`mpipe.waiter`, ``multiprocessing.connection.wait`` without the
+per-call set-up) until a message, a process exit, a signal or the nearest item
+deadline.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -102,6 +104,7 @@ from mpipe.pool import Pool, Shared, StagePool
 from mpipe.producer import ProducerSpec, SourceContext, producer_main
 from mpipe.runlock import RunLock
 from mpipe.state import RunPaths, config_fingerprint, run_metadata
+from mpipe.waiter import Waiter
 from mpipe.worker import WorkerSpec
 from mpipe.writer import SealSpec, WriterSpec, seal_main, writer_main
 
@@ -149,6 +152,7 @@ class Runner:
         self._limit = limit
         self._progress = progress
         self._dask: Any = None
+        self._dask_connecting: Future[Any] | None = None
         self.config = loaded.config
         self.paths = RunPaths.for_config(loaded)
         self.fresh = fresh
@@ -173,6 +177,7 @@ class Runner:
         self._t0 = time.monotonic()
         self._lock.acquire()
         try:
+            self._start_dask_early()
             self._prepare_workdir()
             if self._prepare is not None:
                 # Under the run lock: no other run reads inputs while they are made.
@@ -236,7 +241,8 @@ class Runner:
         self._running = self._mp.RawArray("q", max(n_slots, 1))
         self._shared = Shared(
             lifeline=self._lifeline_r,
-            cpu_semaphore=self._mp.BoundedSemaphore(self.loaded.cpu_slot_count()),
+            # Not Bounded: the last wave lifts the bound (see _lift_cpu_bound).
+            cpu_semaphore=self._mp.Semaphore(self.loaded.cpu_slot_count()),
             stop_event=self.stop_event,
             flags=self._flags,
             running=self._running,
@@ -253,7 +259,8 @@ class Runner:
         self._writer_queue = writer_queue = self._mp.Queue(cfg.writer.queue_size)
         writer_spec = WriterSpec(str(self.paths.results_tmp), str(self.paths.ledger), cfg.fsync,
                                  cfg.writer.lock_timeout_s, self.log_level,
-                                 keep_open=cfg.writer.workers == 1)
+                                 keep_open=cfg.writer.workers == 1,
+                                 batch_max=max(1, min(512, cfg.writer.queue_size // 2)))
         self._writers: list[tuple[BaseProcess, Connection]] = []
         for i in range(cfg.writer.workers):
             conn, writer_end = self._mp.Pipe(duplex=False)
@@ -306,6 +313,22 @@ class Runner:
             self._source_queue, self._lifeline_r, self.stop_event))
         self._startup_s = time.monotonic() - self._t0
 
+    def _start_dask_early(self) -> None:
+        """Connect to Dask (or start a LocalCluster) in a thread, from the start.
+
+        A LocalCluster takes a second or more to start its worker processes;
+        meanwhile the run's own processes start and ``prepare`` runs.
+        """
+        backend = self.config.backend
+        if isinstance(backend, str) or not any(
+                self.loaded.stage_backend(name) == "dask" for name in self.config.stages):
+            return
+        from mpipe import dask_backend
+
+        starter = ThreadPoolExecutor(1, thread_name_prefix="dask-connect")
+        self._dask_connecting = starter.submit(dask_backend.connect, backend.dask)
+        starter.shutdown(wait=False)
+
     def _dask_pool(self, name: str, spec: WorkerSpec) -> Pool:
         """A stage run on Dask: same callbacks, same retry and timeout policy."""
         from mpipe import dask_backend  # never imported by the local backend
@@ -313,13 +336,15 @@ class Runner:
         backend = self.config.backend
         assert not isinstance(backend, str)
         if self._dask is None:
-            self._dask = dask_backend.connect(backend.dask)
+            self._dask = (self._dask_connecting.result() if self._dask_connecting is not None
+                          else dask_backend.connect(backend.dask))
+            self._dask_connecting = None
         workers = self.loaded.config.stages[name].workers
         return dask_backend.DaskStagePool(
             name=name, config=self.config.stages[name],
             workers=None if workers == "auto" else workers, session=self._dask, spec=spec,
             on_done=self._on_stage_done, on_failed=self._on_item_failed,
-            on_fatal=self._stop_on_error)
+            on_fatal=self._stop_on_error, stop_requested=self.stop_event.is_set)
 
     def _spawn(self, name: str, target: Callable[..., None], args: tuple[Any, ...]
                ) -> BaseProcess:
@@ -337,9 +362,11 @@ class Runner:
         self._loop_started_at = time.time()
         if self._progress is not None:
             self._progress.start(self.snapshot)
+        self._waiter = Waiter()
         try:
             self._loop()
         finally:
+            self._waiter.close()
             if self._progress is not None:
                 self._progress.stop()
         return self._finish()
@@ -374,7 +401,7 @@ class Runner:
             states = [(p, p.idle(), not p.queue, self._blocked(k),
                        len(p.queue) >= p.config.queue_size)
                       for k, p in enumerate(self._pools)]
-            ready = wait(list(handlers), timeout)
+            ready = self._waiter.wait(handlers, timeout)
             # States change only at events, so this accounting is exact.
             dt = time.monotonic() - before
             for p, idle, empty, blocked, full in states:
@@ -412,7 +439,7 @@ class Runner:
             handlers[self._consumer_conn] = self._on_consumer_message
             handlers[self._consumer.sentinel] = self._on_consumer_exit
         for process, conn in self._writers:
-            if process.exitcode is None or process.sentinel not in s.writers_seen_exit:
+            if process.sentinel not in s.writers_seen_exit:
                 handlers[conn] = functools.partial(self._on_writer_message, conn)
                 handlers[process.sentinel] = functools.partial(self._on_writer_exit, process,
                                                                conn)
@@ -622,6 +649,27 @@ class Runner:
         s.hard_stop = True
         self._request_stop(grace_s=0)
 
+    def _lift_cpu_bound(self) -> None:
+        """The last wave (all that is left is in the last stage's workers): let
+        every worker still busy compute at once.
+
+        ``cpu_slots`` keeps extra workers from fighting over the cores while
+        there is work to overlap with.  Once nothing is left to hand out, the
+        bound can only leave cores idle: with 5 equal items on 4 slots the
+        fifth would start after the first four (2 item-times) instead of all
+        five sharing the cores (1.25).  This is the notes' 4-vs-5 processes
+        puzzle (docs/BENCHMARKS.md).  Extra permits are never taken back: a
+        retry after this point also runs unbounded.
+        """
+        s = self._state
+        s.cpu_bound_lifted = True
+        local = sum(p.size for p in self._pools if isinstance(p, StagePool))
+        extra = local - self.loaded.cpu_slot_count()
+        for _ in range(max(0, extra)):
+            self._shared.cpu_semaphore.release()
+        if extra > 0:
+            logger.info("last wave: cpu_slots lifted for %d more worker(s)", extra)
+
     def _advance(self, now: float) -> None:
         s = self._state
         busy = any(p.in_flight for p in self._pools)
@@ -639,6 +687,9 @@ class Runner:
         if s.hard_stop and not s.sink_closed:
             s.finished = True
             return
+        if (s.producer_ended and not queued and not s.stopping and not s.cpu_bound_lifted
+                and not any(p.in_flight for p in self._pools[:-1])):
+            self._lift_cpu_bound()
         all_in = s.producer_ended and not busy and not queued
         if all_in and not s.sink_pending and not s.sink_closed:
             self._sink_queue.put(dumps(EndOfStream("runner")))
@@ -659,6 +710,8 @@ class Runner:
                            skipped=s.skipped, failed=len(s.failures), not_started=s.not_started,
                            failures=s.failures, startup_s=self._startup_s,
                            loop_started_at=self._loop_started_at)
+        for pool in self._pools:
+            pool.stats.workers = pool.size  # Dask's `workers: auto` is the cluster's threads
         result.stages = {p.name: p.stats for p in self._pools}
         accounted = s.committed + s.skipped + len(s.failures)
         if s.errors:
@@ -737,6 +790,14 @@ class Runner:
                 getattr(self, q).cancel_join_thread()
         self._children.clear()
         self._pools.clear()
+        if self._dask_connecting is not None:
+            # The run ended before its Dask stage started: close what the
+            # connecting thread made (it is waited for: no cluster outlives us).
+            try:
+                self._dask = self._dask_connecting.result()
+            except Exception:
+                pass
+            self._dask_connecting = None
         if self._dask is not None:
             self._dask.close()
             self._dask = None
@@ -773,6 +834,7 @@ class _State:
     writers_seen_exit: set[int] = field(default_factory=set)
     sink_closed: bool = False
     stopping: bool = False
+    cpu_bound_lifted: bool = False
     hard_stop: bool = False
     signal: int | None = None
     grace_deadline: float | None = None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -52,7 +53,8 @@ from mpipe.outputs import fsync_path, output_error
 
 logger = logging.getLogger(__name__)
 
-BATCH_MAX = 512
+# A batch waits at most this long for more items (see _next_batch).
+GROUP_WAIT_S = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class WriterSpec:
     lock_timeout_s: float
     log_level: int
     keep_open: bool  # the only writer: keep the file open between batches
+    batch_max: int  # items per batch at most: half the in-flight window
 
 
 def writer_main(
@@ -82,7 +85,7 @@ def writer_main(
     try:
         ended = False
         while not ended:
-            batch, ended = _next_batch(inbox)
+            batch, ended = _next_batch(inbox, spec.batch_max)
             if not batch:
                 continue
             if not lock.acquire(timeout=spec.lock_timeout_s):
@@ -124,22 +127,36 @@ def writer_main(
         store.close()
 
 
-def _next_batch(inbox: Queue[bytes]) -> tuple[list[SinkItem], bool]:
-    """Block for one message, then take what else is already there."""
+def _next_batch(inbox: Queue[bytes], max_items: int) -> tuple[list[SinkItem], bool]:
+    """Block for one message, then gather more for up to ``GROUP_WAIT_S``.
+
+    Group commit: each batch costs a few HDF5 calls, an SQLite commit and an
+    acknowledgement whatever its size, and quick items arrive one by one.
+    ``max_items`` is half the writer's in-flight window, so that the runner
+    always has room to send the next items while this batch is gathered.
+    """
     batch: list[SinkItem] = []
     raw = inbox.get()
+    deadline: float | None = None
     while True:
         message = loads(raw)
         if isinstance(message, EndOfStream):
             return batch, True
         assert isinstance(message, SinkItem), message
         batch.append(message)
-        if len(batch) >= BATCH_MAX:
+        if len(batch) >= max_items:
             return batch, False
         try:
             raw = inbox.get_nowait()
         except queue.Empty:
-            return batch, False
+            now = time.monotonic()
+            deadline = now + GROUP_WAIT_S if deadline is None else deadline
+            if now >= deadline:
+                return batch, False
+            try:
+                raw = inbox.get(timeout=deadline - now)
+            except queue.Empty:
+                return batch, False
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,9 +36,12 @@ def test_io_only_variant_and_more_workers_than_cores(tmp_path: Path) -> None:
     make_inputs(tmp_path, 4)
     cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=6,
                        extra="cpu_slots: 1\n", stage_extra="io_slots: 1\n")
-    proc = mpipe("run", cfg)
+    proc = mpipe("run", cfg, "--log-level", "INFO")
     assert proc.returncode == 0, proc.stderr
     check_against_reference(tmp_path, 4, 0)
+    # Nothing left to hand out once the 4 items are dispatched: the last wave
+    # may use every worker, not just cpu_slots of them.
+    assert "last wave: cpu_slots lifted for 5 more worker(s)" in proc.stderr
 
 
 def test_two_writers_take_turns_under_the_lock(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -83,37 +83,54 @@ def prepare(ctx: Any) -> None:
 
 def read_header(path: Path) -> None:
     """Cheap validity check: the npy header says float32 (SAMPLES,) and the size fits."""
+    _open_checked(path).close()
+
+
+def load_input(path: Path) -> np.ndarray[Any, Any]:
+    """Check and read one input through one open file (the check costs no extra open)."""
+    f = _open_checked(path)
+    with f:
+        try:
+            x = np.fromfile(f, dtype=DTYPE, count=SAMPLES)
+        except (ValueError, OSError) as exc:
+            raise InputFileError(f"input file {path} cannot be read: {exc}") from None
+    if x.size != SAMPLES:
+        raise InputFileError(f"input file {path} changed while it was read")
+    return x
+
+
+def _open_checked(path: Path) -> BinaryIO:
+    """Open an input, check its header and size; return it positioned at the data."""
     try:
-        with open(path, "rb") as f:
+        f = open(path, "rb")  # noqa: SIM115 (returned open, or closed below)
+    except FileNotFoundError:
+        raise InputFileError(f"input file {path} is missing") from None
+    except OSError as exc:
+        raise InputFileError(f"input file {path} cannot be opened: {exc}") from None
+    try:
+        try:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
                 shape, _, dtype = np.lib.format.read_array_header_1_0(f)
             else:
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
             data_offset = f.tell()
-    except FileNotFoundError:
-        raise InputFileError(f"input file {path} is missing") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputFileError(f"input file {path} is not a valid .npy file: {exc}") from None
-    if shape != (SAMPLES,) or dtype != DTYPE:
-        raise InputFileError(
-            f"input file {path} holds {dtype}{list(shape)}, expected float32[{SAMPLES}]"
-        )
-    size = path.stat().st_size
-    if size != data_offset + SAMPLES * DTYPE.itemsize:
-        raise InputFileError(
-            f"input file {path} is truncated ({size} bytes, expected "
-            f"{data_offset + SAMPLES * DTYPE.itemsize})"
-        )
-
-
-def load_input(path: Path) -> np.ndarray[Any, Any]:
-    read_header(path)
-    try:
-        x = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputFileError(f"input file {path} cannot be read: {exc}") from None
-    return x  # type: ignore[no-any-return]
+            size = os.fstat(f.fileno()).st_size
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputFileError(f"input file {path} is not a valid .npy file: {exc}") from None
+        if shape != (SAMPLES,) or dtype != DTYPE:
+            raise InputFileError(
+                f"input file {path} holds {dtype}{list(shape)}, expected float32[{SAMPLES}]"
+            )
+        if size != data_offset + SAMPLES * DTYPE.itemsize:
+            raise InputFileError(
+                f"input file {path} is truncated ({size} bytes, expected "
+                f"{data_offset + SAMPLES * DTYPE.itemsize})"
+            )
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 # ------------------------------------------------------------------ the stages
