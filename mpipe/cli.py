@@ -230,6 +230,9 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
     # (exit 2) with its YAML line, and no run state is created.
     for key, fn in named:
         imports.resolve(fn, key, cfg.allowed_modules, loaded.base_dir, where=loaded.where(key))
+    if any(loaded.stage_backend(name) == "dask" for name in cfg.stages):
+        # A missing `mpipe[dask]` extra is a config error found before anything starts.
+        import mpipe.dask_backend  # noqa: F401
     RunPaths.for_config(loaded)  # path checks
     return loaded
 

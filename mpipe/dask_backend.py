@@ -60,10 +60,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from mpipe import imports
-from mpipe.context import StageContext, resolve_inside
+from mpipe.context import resolve_inside
 from mpipe.errors import ConfigError, MpipeError, OutputError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, WorkItem
 from mpipe.outputs import atomic_dir
@@ -371,9 +371,8 @@ def run_item(spec: TaskSpec, item: WorkItem) -> ItemDone | ItemFailure:
     ctx = DaskStageContext(stage=spec.stage, worker=address, params=spec.params,
                            workdir=Path(spec.workdir), fsync=spec.fsync,
                            allow_outside_workdir=spec.allow_outside_workdir)
-    # _run_one touches only what both contexts have (key, attempt, io_s,
-    # cpu_wait_s, stage, worker); sharing it keeps the failure kinds identical.
-    reply, exit_code = _run_one(fn, with_ctx, cast(StageContext, ctx), item)
+    # The same _run_one as a local worker: the failure kinds are identical.
+    reply, exit_code = _run_one(fn, with_ctx, ctx, item)
     if exit_code is not None and isinstance(reply, ItemFailure):
         # SystemExit in a Dask thread must not end the worker's other tasks.
         message = reply.message.removesuffix("; its worker exits")

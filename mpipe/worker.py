@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event, Semaphore
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mpipe import imports, procs
 from mpipe.context import SlotFlags, StageContext
@@ -149,8 +149,19 @@ def _serve(conn: Connection, fn: Any, with_ctx: bool, ctx: StageContext, running
             flush()
 
 
+class RunContext(Protocol):
+    """What :func:`_run_one` needs of a context: a local worker's or a Dask task's."""
+
+    stage: str
+    worker: str
+    key: str
+    attempt: int
+    io_s: float
+    cpu_wait_s: float
+
+
 def _run_one(
-    fn: Any, with_ctx: bool, ctx: StageContext, item: WorkItem
+    fn: Any, with_ctx: bool, ctx: RunContext, item: WorkItem
 ) -> tuple[ItemDone | ItemFailure, int | None]:
     ctx.key, ctx.attempt, ctx.io_s, ctx.cpu_wait_s = item.key, item.attempt, 0.0, 0.0
     started_at = time.time()

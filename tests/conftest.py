@@ -90,7 +90,7 @@ def make_inputs(workdir: Path, tasks: int, seed: int = 0) -> None:
             os.link(f, dst / f.name)
 
 
-def notes_config(workdir: Path, *, tasks: int, repeat: int = 1, workers: int = 2,
+def notes_config(workdir: Path, *, tasks: int, repeat: int = 1, workers: int | str = 2,
                  extra: str = "", stage_extra: str = "",
                  fn: str = "mpipe.workloads.notes:process_task") -> Path:
     cfg = workdir / "pipeline.yaml"

@@ -289,11 +289,13 @@ def test_item_past_timeout_is_cancelled_its_worker_restarted_and_retried(tmp_pat
 def test_external_cluster_gives_the_serial_results(tmp_path: Path,
                                                    cluster: ExternalCluster) -> None:
     make_inputs(tmp_path, 3)
-    cfg = notes_config(tmp_path, tasks=3, repeat=1, workers=2,
+    # workers: auto on Dask means one item in flight per cluster thread (2 here).
+    cfg = notes_config(tmp_path, tasks=3, repeat=1, workers="auto",
                        extra=f"backend: {{dask: {{address: '{cluster.address}'}}}}\n")
     proc = mpipe("run", cfg, timeout=80)
     assert proc.returncode == 0, proc.stderr
     check_against_reference(tmp_path, 3, 1)
+    assert report(tmp_path)["stages"]["compute"]["workers"] == 2
     rows = report(tmp_path)["stages"]["compute"]["per_worker"]
     assert sum(r["items"] for r in rows.values()) == 3
     assert set(rows) <= {f"tcp://127.0.0.1:{p.laddr.port}" for i in range(2)
@@ -372,6 +374,13 @@ def test_missing_distributed_names_the_install_command(tmp_path: Path) -> None:
     make_inputs(tmp_path, 1)
     cfg = notes_config(tmp_path, tasks=1, repeat=0, extra=LOCAL_CLUSTER)
     proc = _run_cli_with("import sys\nsys.modules['distributed'] = None\n", "run", cfg,
+                         cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'mpipe[dask]'" in proc.stderr
+    # Found while checking the config: no run state, no results.
+    assert not (tmp_path / ".mpipe").exists()
+    assert not (tmp_path / "results.h5").exists()
+    proc = _run_cli_with("import sys\nsys.modules['distributed'] = None\n", "validate", cfg,
                          cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "pip install 'mpipe[dask]'" in proc.stderr
