@@ -28,7 +28,7 @@ def test_bench_quick_writes_results_and_plot(tmp_path: Path) -> None:
     doc = json.loads((out / "results.json").read_text())
     assert {"command", "machine", "plan", "suites", "targets", "elapsed_s"} <= doc.keys()
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["python"]
-    assert set(doc["suites"]) == {"compute", "io", "durable", "overhead"}
+    assert set(doc["suites"]) == {"compute", "io", "durable", "overhead", "dask"}
     assert not doc["failed_runs"] and not doc["totals_disagree"]
 
     compute = doc["suites"]["compute"]
@@ -63,3 +63,12 @@ def test_bench_quick_writes_results_and_plot(tmp_path: Path) -> None:
     assert "| tasks | workers | wall s |" in (out / "tables.md").read_text()
     png = out / "speedup.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Issue 6: the Dask backend (LocalCluster per run, long-lived cluster) vs local.
+    dask = doc["suites"]["dask"]
+    assert set(dask["summary"]) == {"local", "dask-localcluster", "dask-address"}
+    assert all(dask["agree"].values())
+    for name in ("dask-localcluster", "dask-address"):
+        assert all(_positive(r) for r in dask["over_local"][name]["ratios"]), name
+    dask_targets = [t for t in doc["targets"] if "Dask backend / local backend" in t["target"]]
+    assert [_positive(t["measured"]) for t in dask_targets] == [True, True]

@@ -120,6 +120,7 @@ def _plan(args: argparse.Namespace) -> Any:
         memory_pairs=1 if q else min(max(1, pairs), 3),
         tail_tasks=3 if q else 5,
         tail_workers=[2, 3] if q else [2, 5],
+        dask_workers=2,  # issue 6's setting
         disk_probe_mb=64 if q else 512,
         peers=peers,
         extras=not q,

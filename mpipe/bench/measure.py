@@ -121,22 +121,24 @@ def _cpu_children() -> float:
     return r.ru_utime + r.ru_stime
 
 
+# Processes the harness started to outlive runs (a long-lived Dask cluster):
+# they and their descendants are neither waited for nor killed after a run.
+KEEP: set[int] = set()
+
+
 def _reap_all(deadline_s: float) -> int:
     """Wait for every descendant (orphans come back to us); kill the slow ones."""
-    import psutil
-
     end = time.monotonic() + deadline_s
     while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
+        _reap_exited()
+        left = _descendants_not_kept()
+        if not left:
             return 0
-        if pid:
-            continue
         if time.monotonic() >= end:
             break
         time.sleep(0.005)
-    left = psutil.Process().children(recursive=True)
+    import psutil
+
     for p in left:
         logger.warning("killing a leftover process: pid %d %s", p.pid, p.name())
         try:
@@ -144,13 +146,38 @@ def _reap_all(deadline_s: float) -> int:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(left, timeout=5)
+    _reap_exited()
+    return len(left)
+
+
+def _reap_exited() -> None:
     while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                break
+                return
         except ChildProcessError:
-            break
-    return len(left)
+            return
+
+
+def _descendants_not_kept() -> list[Any]:
+    import psutil
+
+    everyone = psutil.Process().children(recursive=True)
+    kept = set(KEEP)
+    for p in everyone:
+        if p.pid in KEEP:
+            try:
+                kept.update(c.pid for c in p.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+    left = []
+    for p in everyone:
+        try:
+            if p.pid not in kept and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return left
 
 
 def run_timed(cmd: list[str], *, cores: int, log: Path, env: dict[str, str] | None = None,

@@ -99,6 +99,13 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         if o["memory"].get("sum_process_peaks_ratio") is not None:
             add(f"overhead: sum of per-process peak RSS T={tasks[0]} / T={tasks[1]}",
                 o["memory"]["sum_process_peaks_ratio"], "reported", None)
+    if "dask" in suites:
+        d = suites["dask"]
+        for name, what in (("dask-localcluster", "a LocalCluster started by each run"),
+                           ("dask-address", "a long-lived cluster (address:)")):
+            ratio = d["over_local"][name]["median_ratio"]
+            add(f"dask W={d['workers']}: Dask backend / local backend, {what}", ratio,
+                "<= 1.15 (issue 6)", ratio <= 1.15)
     return rows
 
 
@@ -120,6 +127,8 @@ def print_tables(doc: dict[str, Any], console: Console) -> None:
         _overhead_tables(suites["overhead"], console)
     if "tail" in suites:
         _tail_table(suites["tail"], console)
+    if "dask" in suites:
+        _dask_table(suites["dask"], console)
     _targets_table(doc["targets"], console)
 
 
@@ -200,6 +209,28 @@ def _tail_table(s: dict[str, Any], console: Console) -> None:
         t.add_row(str(cfg["workers"]), *(
             f"{cfg['summary'][n]['median_wall_s']:.2f} [{cfg['summary'][n]['median_cpu_pct']:.0f}%]"
             for n in names))
+    console.print(t)
+
+
+def _dask_rows(d: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, s in d["summary"].items():
+        over = d["over_local"].get(name)
+        rows.append([_label(name), _fmt(s["median_wall_s"]), _fmt(s["median_cpu_pct"], ".0f"),
+                     _fmt(over["median_ratio"], ".3f") if over else "-",
+                     " ".join(f"{x:.2f}" for x in over["ratios"]) if over else "-"])
+    return rows
+
+
+DASK_HEADER = ["runner", "wall s", "CPU %", "Dask / local", "per pair"]
+
+
+def _dask_table(d: dict[str, Any], console: Console) -> None:
+    t = Table(title=f"Dask backend vs local, T={d['tasks']}, R={d['repeat']}, W={d['workers']}")
+    for i, h in enumerate(DASK_HEADER):
+        t.add_column(h, justify="right" if i else "left")
+    for row in _dask_rows(d):
+        t.add_row(*row)
     console.print(t)
 
 
@@ -336,8 +367,14 @@ def markdown(doc: dict[str, Any]) -> str:
               [[str(cfg["workers"]), *(f"{cfg['summary'][n]['median_wall_s']:.2f} "
                                        f"[{cfg['summary'][n]['median_cpu_pct']:.0f}]"
                                        for n in names)] for cfg in s["configs"]])
+    if "dask" in suites:
+        d = suites["dask"]
+        out.append(f"Dask backend against the local one, T={d['tasks']}, R={d['repeat']}, "
+                   f"W={d['workers']} (medians of {d['summary']['local']['n']} interleaved "
+                   "rounds)\n")
+        table(DASK_HEADER, _dask_rows(d))
     if doc.get("targets"):
-        out.append("Issue 4 targets\n")
+        out.append("Targets (issue 4; the dask rows: issue 6)\n")
         table(["target", "measured", "bound", "met"],
               [[r["target"], _fmt(r["measured"], ".3f"), r["bound"],
                 "-" if r["met"] is None else ("yes" if r["met"] else "**no**")]

@@ -28,6 +28,9 @@ PEER_LABELS = {
     "pool": "multiprocessing.Pool + apply_async",
     "ppe": "ProcessPoolExecutor",
     "joblib": "joblib (loky)",
+    "local": "mpipe, local backend",
+    "dask-localcluster": "mpipe, Dask (LocalCluster per run)",
+    "dask-address": "mpipe, Dask (long-lived cluster)",
 }
 
 
@@ -74,12 +77,13 @@ def subprocess_env(bench: BenchDir, *, bytecode_cache: bool) -> dict[str, str]:
 
 
 def mpipe_runner(e: Env, job: Job, *, label: str = "mpipe",
-                 memory_interval_s: float | None = None) -> Runner:
+                 memory_interval_s: float | None = None, backend: str | None = None) -> Runner:
+    """``mpipe run`` on the notes workload; ``backend``: the YAML's ``backend:`` value."""
     cfg = workload.notes_config(
         e.bench, f"notes-T{job.tasks}-R{job.repeat}-W{job.workers}-"
-        f"{'fsync' if job.fsync else 'nofsync'}",
+        f"{'fsync' if job.fsync else 'nofsync'}{'-' + label if backend else ''}",
         tasks=job.tasks, repeat=job.repeat, workers=job.workers, cpu_slots=e.cores,
-        io_slots=e.io_slots, fsync=job.fsync)
+        io_slots=e.io_slots, fsync=job.fsync, backend=backend)
     cmd = [e.python, "-m", "mpipe", "run", str(cfg), "--fresh", "--quiet"]
 
     def run() -> measure.Sample:

@@ -5,7 +5,10 @@
 * ``durable``: the same with every output fsynced, against the disk's own time;
 * ``overhead``: an empty pipeline's start-up and tear-down, the per-item cost
   of three trivial stages, and the process tree's peak memory at T=200 vs T=10;
-* ``tail``: the notes' 4-vs-5-vs-10 puzzle on this machine's cores (T=5, R=1).
+* ``tail``: the notes' 4-vs-5-vs-10 puzzle on this machine's cores (T=5, R=1);
+* ``dask``: issue 6's overhead: the same run on the Dask backend against the
+  local one (T=10, R=1, W=2), with a LocalCluster started by each run and with
+  a long-lived cluster.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from mpipe.workloads import notes
 
 logger = logging.getLogger(__name__)
 
-SUITES = ("compute", "io", "durable", "overhead", "tail")
+SUITES = ("compute", "io", "durable", "overhead", "tail", "dask")
 PEERS = ("pool", "ppe", "joblib")
 
 
@@ -47,6 +50,7 @@ class Plan:
     memory_pairs: int
     tail_tasks: int
     tail_workers: list[int]
+    dask_workers: int
     disk_probe_mb: int
     peers: tuple[str, ...]
     # Reference runs beside the required ones (skipped by --quick to stay short).
@@ -242,3 +246,46 @@ def tail(e: Env, plan: Plan, progress: Progress) -> dict[str, Any]:
                       f"tail W={w}")
         configs.append({"workers": w, "agree": _agree(rounds), **rounds.as_json()})
     return {"tasks": t, "repeat": plan.compute_repeat, "fsync": False, "configs": configs}
+
+
+def dask(e: Env, plan: Plan, progress: Progress) -> dict[str, Any]:
+    """Issue 6: the Dask backend's whole run against the local backend's, same workload.
+
+    Two Dask set-ups: ``local_workers: W`` (each run starts and stops its own
+    LocalCluster, whose start-up is timed) and ``address:`` of a long-lived
+    cluster of W single-thread workers started here, untimed, before the rounds
+    (what a cluster that outlives the run amortises).  Ratios are Dask / local,
+    pair by pair.
+    """
+    from mpipe.bench.dask_cluster import LongLivedCluster
+
+    t, r, w = plan.compute_tasks, plan.compute_repeat, plan.dask_workers
+    e.bench.ensure_inputs(t)
+    e.bench.warm_inputs(t)
+    job = Job(t, r, w, fsync=False)
+    scratch = e.bench.scratch / "dask"
+    scratch.mkdir(parents=True, exist_ok=True)
+    cluster = LongLivedCluster(w, scratch)
+    try:
+        local_cluster = f"{{dask: {{local_workers: {w}}}}}"
+        long_lived = f"{{dask: {{address: '{cluster.address}'}}}}"
+        others = [
+            ("dask-localcluster", runners.mpipe_runner(e, job, label="dask-localcluster",
+                                                       backend=local_cluster)),
+            ("dask-address", runners.mpipe_runner(e, job, label="dask-address",
+                                                  backend=long_lived)),
+        ]
+        # Untimed: the long-lived workers' first task imports numpy and mpipe.
+        e.bench.clear_outputs()
+        others[1][1]()
+        rounds = _run(e, ("local", runners.mpipe_runner(e, job, label="mpipe")), others,
+                      plan.pairs, progress, f"dask W={w}")
+    finally:
+        cluster.stop()
+    over_local = {}
+    for name, _ in others:
+        ratios = [1 / x for x in rounds.ratios(name)]
+        over_local[name] = {"ratios": [round(x, 4) for x in ratios],
+                            "median_ratio": round(statistics.median(ratios), 4)}
+    return {"tasks": t, "repeat": r, "workers": w, "fsync": False, "over_local": over_local,
+            "agree": _agree(rounds), **rounds.as_json()}

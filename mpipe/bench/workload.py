@@ -102,7 +102,8 @@ class BenchDir:
 
 
 def notes_config(bench: BenchDir, name: str, *, tasks: int, repeat: int, workers: int,
-                 cpu_slots: int, io_slots: int | None, fsync: bool) -> Path:
+                 cpu_slots: int, io_slots: int | None, fsync: bool,
+                 backend: str | None = None) -> Path:
     """An mpipe config for the notes workload, as issue 4's design sets it up.
 
     ``cpu_slots`` bounds the FFT blocks to the cores; ``io_slots`` (default:
@@ -125,6 +126,7 @@ def notes_config(bench: BenchDir, name: str, *, tasks: int, repeat: int, workers
         f"writer: {{path: results.h5}}\n"
         f"fsync: {'true' if fsync else 'false'}\n"
         f"output_dirs: [output]\n"
+        + (f"backend: {backend}\n" if backend else "")
     )
     return path
 
