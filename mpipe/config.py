@@ -101,7 +101,8 @@ class PipelineConfig(_Strict):
     stages: dict[str, StageConfig] = Field(min_length=1)
     consumer: ConsumerConfig | None = None
     writer: WriterConfig = Field(default_factory=WriterConfig)
-    cpu_slots: int | None = Field(None, ge=1, description="stage workers computing at once")
+    cpu_slots: int | None = Field(None, ge=1,
+                                  description="workers computing at once (until the last wave)")
     fsync: bool = True
     shutdown_grace_s: float = Field(30.0, ge=0)
     allowed_modules: list[str] = Field(default_factory=lambda: ["mpipe.workloads"])

@@ -8,7 +8,9 @@ directories, and the two shared semaphores:
   (the notes' Semaphore), so many workers do not thrash one disk;
 * ``ctx.cpu()``: at most ``cpu_slots`` workers computing at once across all
   stages (default: the cores), so extra workers overlap their IO with other
-  workers' compute instead of fighting for the cores.
+  workers' compute instead of fighting for the cores.  The runner lifts this
+  bound for the last wave, once nothing is left to hand out (see
+  ``Runner._lift_cpu_bound``).
 
 A worker killed while holding a slot would leak it for good (a semaphore, like
 a ``multiprocessing.Lock``, is not released by the death of its holder:

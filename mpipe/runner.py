@@ -177,7 +177,6 @@ class Runner:
         self._t0 = time.monotonic()
         self._lock.acquire()
         try:
-            self._start_dask_early()
             self._prepare_workdir()
             if self._prepare is not None:
                 # Under the run lock: no other run reads inputs while they are made.
@@ -186,6 +185,9 @@ class Runner:
                                     self.config.allow_outside_workdir)
                 imports.call_with_optional_context(self._prepare, ctx=ctx)
                 self.prepare_s = time.monotonic() - t
+            # After prepare: a user's prepare may fork, which a process with a
+            # thread starting a cluster should not do.
+            self._start_dask_early()
             self._install_signal_handlers()
             self._t0 = time.monotonic()
             self._start()
@@ -270,11 +272,7 @@ class Runner:
             writer_end.close()
             self._writers.append((process, conn))
         # The sealer waits from the start, its h5py import paid while the run goes.
-        self._seal_conn, seal_end = self._mp.Pipe()
-        self._sealer = self._mp.Process(target=seal_main, name="writer-seal",
-                                        args=(seal_end, self._lifeline_r, self.log_level))
-        self._sealer.start()
-        seal_end.close()
+        self._start_sealer()
         self._consumer_conn, consumer_end = self._mp.Pipe(duplex=False)
         self._consumer = self._spawn("consumer", consumer_main, (
             ConsumerSpec(cfg.consumer.fn if cfg.consumer else None, params, workdir,
@@ -313,11 +311,34 @@ class Runner:
             self._source_queue, self._lifeline_r, self.stop_event))
         self._startup_s = time.monotonic() - self._t0
 
+    def _start_sealer(self) -> None:
+        self._seal_conn, seal_end = self._mp.Pipe()
+        self._sealer = self._mp.Process(target=seal_main, name="writer-seal",
+                                        args=(seal_end, self._lifeline_r, self.log_level))
+        self._sealer.start()
+        logger.info("started writer-seal (pid %s)", self._sealer.pid)
+        seal_end.close()
+
+    def _send_seal(self, spec: SealSpec) -> None:
+        """Hand the spec to the waiting sealer; start another if it died meanwhile."""
+        try:
+            self._seal_conn.send(spec)
+            return
+        except OSError:  # nobody reads the pipe: it was killed (OOM killer, kill -9)
+            pass
+        assert self._sealer is not None
+        procs.stop_processes([self._sealer], grace_s=1.0)
+        logger.warning("the writer-seal process %s; starting another",
+                       procs.describe_exit(self._sealer.exitcode))
+        self._seal_conn.close()
+        self._start_sealer()
+        self._seal_conn.send(spec)
+
     def _start_dask_early(self) -> None:
         """Connect to Dask (or start a LocalCluster) in a thread, from the start.
 
         A LocalCluster takes a second or more to start its worker processes;
-        meanwhile the run's own processes start and ``prepare`` runs.
+        meanwhile the run's own processes start.
         """
         backend = self.config.backend
         if isinstance(backend, str) or not any(
@@ -663,8 +684,8 @@ class Runner:
         """
         s = self._state
         s.cpu_bound_lifted = True
-        local = sum(p.size for p in self._pools if isinstance(p, StagePool))
-        extra = local - self.loaded.cpu_slot_count()
+        last = self._pools[-1]
+        extra = (last.size if isinstance(last, StagePool) else 0) - self.loaded.cpu_slot_count()
         for _ in range(max(0, extra)):
             self._shared.cpu_semaphore.release()
         if extra > 0:
@@ -728,7 +749,7 @@ class Runner:
             # Every writer has exited: the sealer may open the file now, while
             # the workers are being stopped.
             result.wall_s = time.monotonic() - self._t0
-            self._seal_conn.send(SealSpec(
+            self._send_seal(SealSpec(
                 str(self.paths.results_tmp), str(self.paths.results), s.produced,
                 s.total if s.total is not None else dumps(None),
                 run_metadata(self.loaded, result), self.config.fsync))
@@ -745,7 +766,12 @@ class Runner:
 
     def _seal_outcome(self, result: RunResult) -> None:
         """Read what the sealer answered (it has exited: teardown waited for it)."""
-        reply = self._seal_conn.recv() if _poll(self._seal_conn) else "no answer"
+        reply: object = "no answer"
+        if _poll(self._seal_conn):
+            try:
+                reply = self._seal_conn.recv()
+            except (EOFError, OSError):
+                pass  # it exited without answering (a crash in HDF5, a kill)
         self._seal_conn.close()
         if isinstance(reply, ProcessFailed):
             error: MpipeError = (OutputError(reply.message) if reply.exit_code == 74
@@ -791,12 +817,11 @@ class Runner:
         self._children.clear()
         self._pools.clear()
         if self._dask_connecting is not None:
-            # The run ended before its Dask stage started: close what the
-            # connecting thread made (it is waited for: no cluster outlives us).
-            try:
-                self._dask = self._dask_connecting.result()
-            except Exception:
-                pass
+            # The run failed before its Dask stage started.  Not waited for
+            # (an unreachable scheduler takes up to 80 s to give up): the
+            # session is closed as soon as it is made, and the interpreter
+            # waits for that thread at exit, so no cluster outlives the runner.
+            self._dask_connecting.add_done_callback(_close_session)
             self._dask_connecting = None
         if self._dask is not None:
             self._dask.close()
@@ -844,6 +869,11 @@ class _State:
 
     def __post_init__(self) -> None:
         self.stage_index = {name: i for i, name in enumerate(self.stages)}
+
+
+def _close_session(connecting: Future[Any]) -> None:
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().close()
 
 
 def _poll(conn: Any) -> bool:

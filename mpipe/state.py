@@ -84,12 +84,19 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _installed_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
     return {
         "mpipe": __version__,
         "python": sys.version.split()[0],
-        # Not numpy.__version__: the runner never imports numpy (0.1 s at start-up).
-        "numpy": importlib.metadata.version("numpy"),
+        # Not numpy.__version__: mpipe's runner code never imports numpy.
+        "numpy": _installed_version("numpy"),
         "platform": platform.platform(),
     }
 

@@ -5,11 +5,19 @@ each call: at tens of thousands of loop iterations (one per reply batch) that
 was a sixth of the runner's CPU.  :class:`Waiter` keeps one selector and, on
 each call, registers only what is new and unregisters what is gone.
 
-An object leaves the set in the first call that does not list it.  That call
-comes before its file descriptor can be closed and reused: the runner and the
-pools drop a process or connection only after the loop iteration that handled
-its last event, and the next iteration calls :meth:`Waiter.wait` first.
-(epoll forgets a closed descriptor by itself; unregistering it then is a no-op.)
+An object leaves the set in the first call that does not list it, and that
+call unregisters what left before it registers what is new.  That is what
+makes descriptor reuse safe:
+
+* A connection closed in a handler (a dead worker's) and a new one that got
+  the same descriptor number (its replacement's) are different objects: the
+  old one is unregistered first (epoll has already forgotten it: a no-op),
+  then the new one is registered.
+* A sentinel is a bare int, so a new sentinel with an old number would look
+  registered.  It cannot get that number while the old one is listed: the
+  runner's handlers keep the dead Process, and so its sentinel descriptor,
+  alive until they are rebuilt for the next call.  Nothing may close a
+  sentinel that is still listed.
 """
 
 from __future__ import annotations

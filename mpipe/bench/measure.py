@@ -133,6 +133,9 @@ def _reap_all(deadline_s: float) -> int:
         _reap_exited()
         left = _descendants_not_kept()
         if not left:
+            # Those that exited since the last reap are zombies, not listed:
+            # reap them too, or their CPU time lands on the next run.
+            _reap_exited()
             return 0
         if time.monotonic() >= end:
             break

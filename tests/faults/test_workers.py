@@ -154,6 +154,30 @@ def test_writer_killed_ends_the_run_promptly(tmp_path: Path) -> None:
     assert time.monotonic() - start < 30
 
 
+def test_seal_process_killed_mid_run_is_replaced_and_the_run_completes(tmp_path: Path) -> None:
+    # writer-seal waits from the start of the run; if something kills it (the
+    # OOM killer), the results file must still be sealed at the end.
+    make_inputs(tmp_path, 4)
+    cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2, fn="tests.faults.stages:sleepy")
+    proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "1"})
+    assert proc.stderr is not None
+    sealer_pid = None
+    for line in proc.stderr:
+        m = re.search(r"started writer-seal \(pid (\d+)\)", line)
+        if m:
+            sealer_pid = int(m.group(1))
+            break
+    assert sealer_pid is not None
+    import os
+
+    os.kill(sealer_pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "the writer-seal process was killed by SIGKILL" in err, err
+    assert "starting another" in err
+    check_against_reference(tmp_path, 4, 0)
+
+
 def test_workers_that_die_at_start_stop_the_run(tmp_path: Path) -> None:
     make_inputs(tmp_path, 3)
     cfg = notes_config(tmp_path, tasks=3, repeat=0, fn="tests.faults.startup_crash:process")
