@@ -17,18 +17,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
-
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from mpipe import analysis
 from mpipe.config import LoadedConfig, cpu_count
 from mpipe.errors import ConfigError
 from mpipe.runner import RunResult
 from mpipe.state import versions
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 
 def build(loaded: LoadedConfig, result: RunResult, exit_code: int, started_at: float,
@@ -114,10 +112,16 @@ def _seconds(value: float, share: float | None = None) -> str:
 
 
 # rich's SIMPLE_HEAD drawn with '-': logs and mail stay plain ASCII.
-ASCII_HEAD = box.Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)
+ASCII_HEAD = "    \n    \n -- \n    \n    \n    \n    \n    \n"
 
 
 def render_summary(report: dict[str, Any], *, ascii_only: bool = False) -> Group:
+    # rich only here: a --quiet run writes its report without it.
+    from rich import box
+    from rich.console import Group, RenderableType
+    from rich.table import Table
+    from rich.text import Text
+
     """The end-of-run summary: counts, a table per stage, the bottleneck, failures."""
     c = report["counts"]
     head = Text.assemble(
@@ -129,8 +133,8 @@ def render_summary(report: dict[str, Any], *, ascii_only: bool = False) -> Group
              f"(already done), {c['failed']} failed"
              + (f", {c['not_started']} not finished" if c["not_started"] else ""))
     metrics = analysis.stage_metrics(report)
-    table = Table(box=ASCII_HEAD if ascii_only else box.SIMPLE_HEAD, pad_edge=False,
-                  show_edge=False)
+    head_box = box.Box(ASCII_HEAD, ascii=True) if ascii_only else box.SIMPLE_HEAD
+    table = Table(box=head_box, pad_edge=False, show_edge=False)
     table.add_column("stage", style="bold")
     for column in ("workers", "items", "failed", "retries", "busy"):
         table.add_column(column, justify="right")
@@ -176,6 +180,8 @@ def render_summary(report: dict[str, Any], *, ascii_only: bool = False) -> Group
 
 def summary(report: dict[str, Any], width: int = 120) -> str:
     """The summary as plain text (no colour, no control characters)."""
+    from rich.console import Console
+
     console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
     console.print(render_summary(report, ascii_only=True))
     return console.export_text()
