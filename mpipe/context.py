@@ -92,8 +92,32 @@ class SlotFlags:
         return bool(self.array[self.slot * 2 + which])
 
 
+class WorkdirPaths:
+    """``path()`` and ``output_dir()``: the same for a local worker and a Dask task."""
+
+    workdir: Path
+    allow_outside_workdir: bool
+    fsync: bool
+
+    def path(self, relative: str | Path) -> Path:
+        """``relative`` resolved inside the workdir (escapes are refused)."""
+        return resolve_inside(self.workdir, relative, allow_outside=self.allow_outside_workdir)
+
+    @contextmanager
+    def output_dir(self, relative: str | Path) -> Iterator[Path]:
+        """A directory whose files appear all together, or not at all.
+
+        Write the item's files into the yielded temporary directory; when the
+        block ends without an exception they are fsynced (if ``fsync``) and
+        the directory is renamed to ``relative``.
+        """
+        final = self.path(relative)
+        with outputs.atomic_dir(final, fsync=self.fsync) as tmp:
+            yield tmp
+
+
 @dataclass
-class StageContext:
+class StageContext(WorkdirPaths):
     stage: str
     worker: str
     params: dict[str, Any]
@@ -109,10 +133,6 @@ class StageContext:
     io_s: float = 0.0
     cpu_wait_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def path(self, relative: str | Path) -> Path:
-        """``relative`` resolved inside the workdir (escapes are refused)."""
-        return resolve_inside(self.workdir, relative, allow_outside=self.allow_outside_workdir)
 
     @contextmanager
     def io(self) -> Iterator[None]:
@@ -139,18 +159,6 @@ class StageContext:
         finally:
             self.flags.set(which, False)
             semaphore.release()
-
-    @contextmanager
-    def output_dir(self, relative: str | Path) -> Iterator[Path]:
-        """A directory whose files appear all together, or not at all.
-
-        Write the item's files into the yielded temporary directory; when the
-        block ends without an exception they are fsynced (if ``fsync``) and
-        the directory is renamed to ``relative``.
-        """
-        final = self.path(relative)
-        with outputs.atomic_dir(final, fsync=self.fsync) as tmp:
-            yield tmp
 
     def stop_requested(self) -> bool:
         """True once the run is stopping: long stages may return early."""

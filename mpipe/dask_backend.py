@@ -63,10 +63,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipe import imports
-from mpipe.context import resolve_inside
-from mpipe.errors import ConfigError, MpipeError, OutputError, PipelineBrokenError
+from mpipe.context import WorkdirPaths
+from mpipe.errors import ConfigError, MpipeError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, WorkItem
-from mpipe.outputs import atomic_dir
+from mpipe.retry import settle_failed_attempt
 from mpipe.worker import WorkerSpec, _run_one
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ class TaskSpec:
 
 
 @dataclass
-class DaskStageContext:
+class DaskStageContext(WorkdirPaths):
     """The ``ctx`` a stage function gets on a Dask worker.
 
     ``params``, ``path()`` and ``output_dir()`` behave exactly as on the local
@@ -317,9 +317,6 @@ class DaskStageContext:
     cpu_wait_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def path(self, relative: str | Path) -> Path:
-        return resolve_inside(self.workdir, relative, allow_outside=self.allow_outside_workdir)
-
     @contextmanager
     def io(self) -> Iterator[None]:
         start = time.perf_counter()
@@ -329,11 +326,6 @@ class DaskStageContext:
     @contextmanager
     def cpu(self) -> Iterator[None]:
         yield
-
-    @contextmanager
-    def output_dir(self, relative: str | Path) -> Iterator[Path]:
-        with atomic_dir(self.path(relative), fsync=self.fsync) as tmp:
-            yield tmp
 
     def stop_requested(self) -> bool:
         return False
@@ -660,25 +652,10 @@ class DaskStagePool:
         self._on_done(self.name, reply)
 
     def _attempt_failed(self, item: WorkItem, failure: ItemFailure) -> None:
-        # The same policy as mpipe.pool.StagePool._attempt_failed.
-        if failure.kind == "output":
-            self.stats.failed += 1
-            self._on_failed(self.name, failure)
-            self._on_fatal(OutputError(f"stage {self.name!r}, item {item.key}: {failure.message}",
-                                       hint="free space or fix the disk, then run the same "
-                                       "command again: finished items are kept"))
-            return
-        if item.attempt <= self.config.retries and not (self._broken or self._stop_requested()):
-            self.stats.retries += 1
-            logger.warning("%s: item %s failed (attempt %d of %d): %s; retrying",
-                           self.name, item.key, item.attempt, self.config.retries + 1,
-                           failure.message)
-            self.queue.appendleft(replace(item, attempt=item.attempt + 1))
-            return
-        self.stats.failed += 1
-        logger.error("%s: item %s failed for good after %d attempt(s): %s",
-                     self.name, item.key, item.attempt, failure.message)
-        self._on_failed(self.name, failure)
+        settle_failed_attempt(
+            stage=self.name, item=item, failure=failure, retries=self.config.retries,
+            may_retry=not (self._broken or self._stop_requested()), stats=self.stats,
+            queue=self.queue, on_failed=self._on_failed, on_fatal=self._on_fatal)
 
 
 def _module_root(fn: str) -> str | None:

@@ -32,7 +32,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
@@ -42,8 +42,9 @@ from typing import Any, Protocol
 from mpipe import procs
 from mpipe.config import StageConfig
 from mpipe.context import CPU_FLAG, IO_FLAG
-from mpipe.errors import MpipeError, OutputError, PipelineBrokenError
+from mpipe.errors import MpipeError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, ReplyBatch, Shutdown, WorkBatch, WorkItem
+from mpipe.retry import settle_failed_attempt
 from mpipe.worker import WorkerSpec, worker_main
 
 logger = logging.getLogger(__name__)
@@ -391,24 +392,10 @@ class StagePool:
                 semaphore.release()
 
     def _attempt_failed(self, item: WorkItem, failure: ItemFailure) -> None:
-        if failure.kind == "output":
-            self.stats.failed += 1
-            self._on_failed(self.name, failure)
-            self._on_fatal(OutputError(f"stage {self.name!r}, item {item.key}: {failure.message}",
-                                       hint="free space or fix the disk, then run the same "
-                                       "command again: finished items are kept"))
-            return
-        if item.attempt <= self.config.retries and not self._shared.stop_event.is_set():
-            self.stats.retries += 1
-            logger.warning("%s: item %s failed (attempt %d of %d): %s; retrying",
-                           self.name, item.key, item.attempt, self.config.retries + 1,
-                           failure.message)
-            self.queue.appendleft(replace(item, attempt=item.attempt + 1))
-            return
-        self.stats.failed += 1
-        logger.error("%s: item %s failed for good after %d attempt(s): %s",
-                     self.name, item.key, item.attempt, failure.message)
-        self._on_failed(self.name, failure)
+        settle_failed_attempt(
+            stage=self.name, item=item, failure=failure, retries=self.config.retries,
+            may_retry=not self._shared.stop_event.is_set(), stats=self.stats, queue=self.queue,
+            on_failed=self._on_failed, on_fatal=self._on_fatal)
 
 
 def _poll(conn: Connection) -> bool:

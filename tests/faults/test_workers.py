@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +15,16 @@ import pytest
 from tests.conftest import check_against_reference, make_inputs, mpipe, notes_config, start_mpipe
 
 FAULT_FN = "tests.faults.stages:notes_with_fault"
+
+
+def _started_pid(proc: subprocess.Popen[str], name: str) -> int:
+    """The pid of child ``name``, read from the runner's INFO log as it starts."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(rf"started {re.escape(name)} \(pid (\d+)\)", line)
+        if m:
+            return int(m.group(1))
+    raise AssertionError(f"the run ended before it started {name}")
 
 
 def report(workdir: Path) -> dict:  # type: ignore[type-arg]
@@ -136,17 +148,7 @@ def test_writer_killed_ends_the_run_promptly(tmp_path: Path) -> None:
     make_inputs(tmp_path, 6)
     cfg = notes_config(tmp_path, tasks=6, repeat=0, workers=2, fn="tests.faults.stages:sleepy")
     proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "1"})
-    writer_pid = None
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        m = re.search(r"started writer \(pid (\d+)\)", line)
-        if m:
-            writer_pid = int(m.group(1))
-            break
-    assert writer_pid is not None
-    import os
-
-    os.kill(writer_pid, signal.SIGKILL)
+    os.kill(_started_pid(proc, "writer"), signal.SIGKILL)
     start = time.monotonic()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, err
@@ -160,17 +162,7 @@ def test_seal_process_killed_mid_run_is_replaced_and_the_run_completes(tmp_path:
     make_inputs(tmp_path, 4)
     cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2, fn="tests.faults.stages:sleepy")
     proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "1"})
-    assert proc.stderr is not None
-    sealer_pid = None
-    for line in proc.stderr:
-        m = re.search(r"started writer-seal \(pid (\d+)\)", line)
-        if m:
-            sealer_pid = int(m.group(1))
-            break
-    assert sealer_pid is not None
-    import os
-
-    os.kill(sealer_pid, signal.SIGKILL)
+    os.kill(_started_pid(proc, "writer-seal"), signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "the writer-seal process was killed by SIGKILL" in err, err

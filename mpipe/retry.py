@@ -1,0 +1,61 @@
+"""What happens to an item whose attempt failed: one policy for both backends.
+
+Used by :class:`mpipe.pool.StagePool` and :class:`mpipe.dask_backend.DaskStagePool`,
+so that retries, failures and output errors mean the same thing wherever a
+stage runs.  It imports nothing heavier than the messages: Dask workers import
+the Dask backend, and must not pay for pydantic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Protocol
+
+from mpipe.errors import MpipeError, OutputError
+from mpipe.messages import ItemFailure, WorkItem
+
+logger = logging.getLogger(__name__)
+
+
+class Counts(Protocol):
+    failed: int
+    retries: int
+
+
+def settle_failed_attempt(
+    *,
+    stage: str,
+    item: WorkItem,
+    failure: ItemFailure,
+    retries: int,
+    may_retry: bool,
+    stats: Counts,
+    queue: deque[WorkItem],
+    on_failed: Callable[[str, ItemFailure], None],
+    on_fatal: Callable[[MpipeError], None],
+) -> None:
+    """Retry ``item`` (at the front of ``queue``) or fail it for good.
+
+    An output error (disk full, EIO) fails the item and stops the run: every
+    other item would meet it too.  ``may_retry`` is False while the run stops.
+    """
+    if failure.kind == "output":
+        stats.failed += 1
+        on_failed(stage, failure)
+        on_fatal(OutputError(f"stage {stage!r}, item {item.key}: {failure.message}",
+                             hint="free space or fix the disk, then run the same "
+                             "command again: finished items are kept"))
+        return
+    if item.attempt <= retries and may_retry:
+        stats.retries += 1
+        logger.warning("%s: item %s failed (attempt %d of %d): %s; retrying",
+                       stage, item.key, item.attempt, retries + 1, failure.message)
+        queue.appendleft(replace(item, attempt=item.attempt + 1))
+        return
+    stats.failed += 1
+    logger.error("%s: item %s failed for good after %d attempt(s): %s",
+                 stage, item.key, item.attempt, failure.message)
+    on_failed(stage, failure)
