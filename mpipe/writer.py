@@ -76,10 +76,6 @@ def writer_main(
     lifeline: Connection,
 ) -> None:
     procs.child_setup("writer", lifeline, spec.log_level)
-    import h5py  # only here: see the module docstring
-
-    from mpipe import hdf5rows
-
     store = ledger.Ledger(Path(spec.ledger_path), fsync=spec.fsync)
     f: Any = None
     try:
@@ -95,7 +91,13 @@ def writer_main(
                 )
             try:
                 if f is None:
+                    # h5py only here, at the first batch (see the module
+                    # docstring): a run with nothing to write never waits for it.
+                    import h5py
+
                     f = h5py.File(spec.tmp_path, "a")
+                from mpipe import hdf5rows
+
                 rejected = hdf5rows.write_rows(f, batch)
                 if not spec.keep_open:
                     f.close()
