@@ -9,6 +9,7 @@ and the autouse fixture checks that no process (Dask's included) outlives it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -188,6 +189,21 @@ def test_local_cluster_gives_the_serial_results(tmp_path: Path) -> None:
     rows = doc["stages"]["compute"]["per_worker"]
     assert rows and all(re.fullmatch(r"tcp://127\.0\.0\.1:\d+", w) for w in rows), rows
     assert sum(r["items"] for r in rows.values()) == 3
+
+
+def test_at_most_workers_items_are_in_flight_on_the_cluster(tmp_path: Path) -> None:
+    # Backpressure on Dask: workers: 1 on a cluster with 2 threads must never
+    # run two items at once (a whole-source client.map would run two).
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=1, workers=1, extra=LOCAL_CLUSTER)
+    proc = mpipe("run", cfg, timeout=80)
+    assert proc.returncode == 0, proc.stderr
+    check_against_reference(tmp_path, 3, 1)
+    timeline = sorted(report(tmp_path)["stages"]["compute"]["timeline"], key=lambda r: r[2])
+    assert len(timeline) == 3
+    for before, after in itertools.pairwise(timeline):
+        # (worker, key, started_at, busy_s, ...): each starts after the one before ended.
+        assert after[2] >= before[2] + before[3] - 0.01, timeline
 
 
 def test_killed_worker_is_reported_with_the_item(tmp_path: Path) -> None:
