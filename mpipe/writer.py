@@ -91,13 +91,15 @@ def writer_main(
                 )
             try:
                 if f is None:
-                    # h5py only here, at the first batch (see the module
-                    # docstring): a run with nothing to write never waits for it.
+                    # h5py (and hdf5rows, which imports it) only here, at the
+                    # first batch (see the module docstring): a run with nothing
+                    # to write never waits for it.  Both names stay bound for
+                    # the later batches.
                     import h5py
 
-                    f = h5py.File(spec.tmp_path, "a")
-                from mpipe import hdf5rows
+                    from mpipe import hdf5rows
 
+                    f = h5py.File(spec.tmp_path, "a")
                 rejected = hdf5rows.write_rows(f, batch)
                 if not spec.keep_open:
                     f.close()
