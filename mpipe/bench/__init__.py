@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_int_list, default=None, metavar="LIST",
                         help=f"compute-bound worker counts (default {DEFAULT_WORKERS})")
     parser.add_argument("--only", type=_suite_list, default=None, metavar="LIST",
-                        help="comma-separated suites: compute,io,durable,overhead,tail "
+                        help="comma-separated suites: compute,io,durable,overhead,tail,dask "
                         "(default all)")
     parser.add_argument("--tasks", type=int, default=None, metavar="T",
                         help="tasks of the compute-bound runs (default 10; quick 2)")
