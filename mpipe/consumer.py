@@ -6,7 +6,7 @@ returns one final value, which the runner hands to the writer to seal into the
 results file.  On a resumed run the iterator also yields the committed results
 replayed from the ledger, so the final value covers the whole run.
 
-Each item is forwarded to the writer *before* the fold sees it: committing a
+Each batch of items is forwarded to the writer *before* the fold sees it: committing a
 finished item never depends on the consumer function succeeding.  If the
 function raises, the failure is reported and forwarding goes on until the end
 of the stream, so that every finished item is still committed.
@@ -28,7 +28,7 @@ from mpipe.messages import (
     ConsumerDone,
     EndOfStream,
     ProcessFailed,
-    SinkItem,
+    SinkBatch,
     dumps,
     loads,
 )
@@ -93,9 +93,10 @@ class _Stream:
             if isinstance(message, EndOfStream):
                 self._ended = True
                 return
-            assert isinstance(message, SinkItem), message
+            assert isinstance(message, SinkBatch), message
             self._to_writer.put(raw)
-            yield loads(message.value)
+            for item in message.items:
+                yield loads(item.value)
 
     def drain(self) -> None:
         for _ in self:

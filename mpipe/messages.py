@@ -19,7 +19,7 @@ message            from -> to             meaning
 ``ReplyBatch``     worker -> runner       their outcomes, in order:
 ``ItemDone``                              the stage returned
 ``ItemFailure``                           the stage raised / pickling failed
-``SinkItem``       runner -> consumer     a finished item, -> writer
+``SinkBatch``      runner -> consumer     finished ``SinkItem``s, -> writer
 ``Committed``      writer -> runner       these keys are durable
 ``ConsumerDone``   consumer -> runner     the consumer's final value
 ``ProcessFailed``  consumer/writer ->     a fatal error in that process
@@ -28,9 +28,12 @@ message            from -> to             meaning
 
 from __future__ import annotations
 
+import operator
 import pickle
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+_M = TypeVar("_M")
 
 
 def dumps(value: Any) -> bytes:
@@ -42,6 +45,31 @@ def loads(data: bytes) -> Any:
     return pickle.loads(data)
 
 
+def _pickled_as_fields(cls: type[_M]) -> type[_M]:
+    """Pickle a frozen slots dataclass as ``cls(*fields)``.
+
+    The ``__getstate__``/``__setstate__`` that ``dataclass(slots=True)`` adds
+    call ``dataclasses.fields()`` and set each field from Python for every
+    object: a batch of 8 work items took 40 us each way, a third of a trivial
+    item's whole cost.  Reducing to the constructor's arguments takes 10 us.
+    """
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    if len(names) == 1:
+        (name,) = names
+
+        def __reduce__(self: Any) -> tuple[type[_M], tuple[Any, ...]]:
+            return cls, (getattr(self, name),)
+    else:
+        values = operator.attrgetter(*names)
+
+        def __reduce__(self: Any) -> tuple[type[_M], tuple[Any, ...]]:
+            return cls, values(self)
+
+    setattr(cls, "__reduce__", __reduce__)  # noqa: B010 (mypy: no method assignment)
+    return cls
+
+
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class Task:
     """What a source function may yield for one item.
@@ -60,6 +88,7 @@ class Task:
     outputs: tuple[str, ...] = ()
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class SourceItem:
     index: int
@@ -68,6 +97,7 @@ class SourceItem:
     value: bytes
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class SkippedItem:
     """An item whose committed result is reused: it skips every stage."""
@@ -78,17 +108,20 @@ class SkippedItem:
     value: bytes
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class SourceFailed:
     message: str
     traceback: str
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class EndOfStream:
     sender: str
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class WorkItem:
     index: int
@@ -97,6 +130,7 @@ class WorkItem:
     value: bytes
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class WorkBatch:
     """Runner -> worker: items to run in order (one, or several for quick stages)."""
@@ -104,6 +138,7 @@ class WorkBatch:
     items: tuple[WorkItem, ...]
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class ItemDone:
     index: int
@@ -116,6 +151,7 @@ class ItemDone:
     started_at: float = 0.0  # wall clock (time.time()), for the run's timeline
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class ItemFailure:
     """Why one attempt at one item failed.
@@ -135,6 +171,7 @@ class ItemFailure:
     exception: bytes | None = None
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class ReplyBatch:
     """Worker -> runner: outcomes of items, in the order they were run."""
@@ -142,6 +179,7 @@ class ReplyBatch:
     replies: tuple[ItemDone | ItemFailure, ...]
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class SinkItem:
     """A finished item on its way to the consumer and the writer.
@@ -157,6 +195,20 @@ class SinkItem:
     replayed: bool
 
 
+@_pickled_as_fields
+@dataclass(frozen=True, slots=True)
+class SinkBatch:
+    """Runner -> consumer -> writer: the items finished since the last batch.
+
+    One message per runner loop iteration rather than per item: each message
+    costs a queue put, a feeder-thread wake-up and a get in three processes.
+    The consumer forwards the same bytes to the writer.
+    """
+
+    items: tuple[SinkItem, ...]
+
+
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class Committed:
     """Writer -> runner: these keys are durable (``rejected`` ones are not)."""
@@ -166,11 +218,13 @@ class Committed:
     rejected: tuple[ItemFailure, ...] = ()
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class ConsumerDone:
     value: bytes
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class ProcessFailed:
     process: str
@@ -179,6 +233,7 @@ class ProcessFailed:
     exit_code: int = 3
 
 
+@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class Shutdown:
     """Runner -> worker: finish nothing more, exit cleanly."""

@@ -42,8 +42,9 @@ Who reads and writes what:
   failed attempts, kills items past ``timeout_s``, replaces dead workers,
   sends the sink one ``EndOfStream`` when every item is through.
 * **consumer**: folds finished values (the consumer function), forwards each
-  ``SinkItem`` to the writer first, sends ``ConsumerDone`` with the fold's
-  value, then one ``EndOfStream`` to the writer.
+  ``SinkBatch`` (the items that finished in one runner loop iteration) to the
+  writer first, sends ``ConsumerDone`` with the fold's value, then one
+  ``EndOfStream`` per writer.
 * **writer** (``writer.workers``, default 1): the only processes that open
   HDF5; each takes a batch, and under the results lock (deadline
   ``lock_timeout_s``) opens the file, writes the rows, closes it and commits
@@ -92,6 +93,7 @@ from mpipe.messages import (
     ItemDone,
     ItemFailure,
     ProcessFailed,
+    SinkBatch,
     SinkItem,
     SkippedItem,
     SourceFailed,
@@ -259,10 +261,11 @@ class Runner:
         # start() returns, and a collected one is unlinked under it.
         self._sink_queue = self._mp.Queue(cfg.writer.queue_size)
         self._writer_queue = writer_queue = self._mp.Queue(cfg.writer.queue_size)
+        self._sink_batch_max = max(1, min(512, cfg.writer.queue_size // 2))
         writer_spec = WriterSpec(str(self.paths.results_tmp), str(self.paths.ledger), cfg.fsync,
                                  cfg.writer.lock_timeout_s, self.log_level,
                                  keep_open=cfg.writer.workers == 1,
-                                 batch_max=max(1, min(512, cfg.writer.queue_size // 2)))
+                                 batch_max=self._sink_batch_max)
         self._writers: list[tuple[BaseProcess, Connection]] = []
         for i in range(cfg.writer.workers):
             conn, writer_end = self._mp.Pipe(duplex=False)
@@ -503,9 +506,15 @@ class Runner:
             room = self._room_after(k)
             if room > 0 and pool.queue:
                 pool.dispatch(room)
+        # What finished since the last iteration goes as one SinkBatch, at most
+        # half the writer's window: the other half keeps arriving while the
+        # writer commits.
         while s.sink_pending and s.sink_in_flight < self.config.writer.queue_size:
-            self._sink_queue.put(dumps(s.sink_pending.popleft()))
-            s.sink_in_flight += 1
+            take = min(len(s.sink_pending), self._sink_batch_max,
+                       self.config.writer.queue_size - s.sink_in_flight)
+            batch = tuple(s.sink_pending.popleft() for _ in range(take))
+            self._sink_queue.put(dumps(SinkBatch(batch)))
+            s.sink_in_flight += take
 
     def _on_stage_done(self, stage: str, done: ItemDone) -> None:
         s = self._state

@@ -1,6 +1,6 @@
 """The writer processes: the only processes that open the HDF5 results file.
 
-The writer takes batches of finished items from the consumer, and for each
+The writer takes batches of finished items (``SinkBatch``) from the consumer, and for each
 batch, holding the results lock (acquired with a deadline: a
 ``multiprocessing.Lock`` whose holder was killed is never released, gh-88304):
 
@@ -34,6 +34,7 @@ import os
 import queue
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
@@ -46,6 +47,7 @@ from mpipe.messages import (
     Committed,
     EndOfStream,
     ProcessFailed,
+    SinkBatch,
     SinkItem,
     loads,
 )
@@ -79,11 +81,8 @@ def writer_main(
     store = ledger.Ledger(Path(spec.ledger_path), fsync=spec.fsync)
     f: Any = None
     try:
-        ended = False
-        while not ended:
-            batch, ended = _next_batch(inbox, spec.batch_max)
-            if not batch:
-                continue
+        batches = _Batches(inbox, spec.batch_max)
+        while batch := batches.take():
             if not lock.acquire(timeout=spec.lock_timeout_s):
                 raise TimeoutError(
                     f"could not take the results lock in {spec.lock_timeout_s}s: "
@@ -131,36 +130,49 @@ def writer_main(
         store.close()
 
 
-def _next_batch(inbox: Queue[bytes], max_items: int) -> tuple[list[SinkItem], bool]:
-    """Block for one message, then gather more for up to ``GROUP_WAIT_S``.
+class _Batches:
+    """The writer's inbox, taken a batch at a time (group commit).
 
-    Group commit: each batch costs a few HDF5 calls, an SQLite commit and an
-    acknowledgement whatever its size, and quick items arrive one by one.
+    Each batch costs a few HDF5 calls, an SQLite commit and an acknowledgement
+    whatever its size, and quick items arrive a few at a time: so a batch
+    blocks for one message, then gathers more for up to ``GROUP_WAIT_S``.
     ``max_items`` is half the writer's in-flight window, so that the runner
-    always has room to send the next items while this batch is gathered.
+    always has room to send the next items while this batch is gathered;
+    items of a message beyond it wait in the backlog for the next batch.
     """
-    batch: list[SinkItem] = []
-    raw = inbox.get()
-    deadline: float | None = None
-    while True:
-        message = loads(raw)
-        if isinstance(message, EndOfStream):
-            return batch, True
-        assert isinstance(message, SinkItem), message
-        batch.append(message)
-        if len(batch) >= max_items:
-            return batch, False
-        try:
-            raw = inbox.get_nowait()
-        except queue.Empty:
-            now = time.monotonic()
-            deadline = now + GROUP_WAIT_S if deadline is None else deadline
-            if now >= deadline:
-                return batch, False
+
+    def __init__(self, inbox: Queue[bytes], max_items: int) -> None:
+        self._inbox = inbox
+        self._max_items = max_items
+        self._backlog: deque[SinkItem] = deque()
+        self._ended = False
+
+    def take(self) -> list[SinkItem]:
+        """The next batch; empty only once this writer's stream has ended."""
+        batch: list[SinkItem] = []
+        deadline: float | None = None
+        while True:
+            while self._backlog and len(batch) < self._max_items:
+                batch.append(self._backlog.popleft())
+            if len(batch) >= self._max_items or self._ended:
+                return batch
             try:
-                raw = inbox.get(timeout=deadline - now)
+                raw = self._inbox.get_nowait() if batch else self._inbox.get()
             except queue.Empty:
-                return batch, False
+                now = time.monotonic()
+                deadline = now + GROUP_WAIT_S if deadline is None else deadline
+                if now >= deadline:
+                    return batch
+                try:
+                    raw = self._inbox.get(timeout=deadline - now)
+                except queue.Empty:
+                    return batch
+            message = loads(raw)
+            if isinstance(message, EndOfStream):
+                self._ended = True
+            else:
+                assert isinstance(message, SinkBatch), message
+                self._backlog.extend(message.items)
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,7 @@ def test_every_message_type_pickles() -> None:
         messages.ItemDone(0, "k", "w", b"v", 1.0, 0.5, 0.1),
         failure,
         messages.SinkItem(0, "k", "fp", b"v", False),
+        messages.SinkBatch((messages.SinkItem(0, "k", "fp", b"v", True),)),
         messages.Committed(("k",), 0, (failure,)),
         messages.ConsumerDone(b"v"),
         messages.ProcessFailed("writer", "m", "tb", 74),
@@ -117,4 +118,5 @@ def test_every_message_type_pickles() -> None:
               if isinstance(v, type) and v.__module__ == messages.__name__}
     assert names == public, f"untested message types: {public - names}"
     for m in samples:
-        assert pickle.loads(pickle.dumps(m)) == m
+        copy = pickle.loads(pickle.dumps(m))
+        assert copy == m and type(copy) is type(m)
