@@ -80,6 +80,7 @@ def writer_main(
     procs.child_setup("writer", lifeline, spec.log_level)
     store = ledger.Ledger(Path(spec.ledger_path), fsync=spec.fsync)
     f: Any = None
+    rows: Any = None  # hdf5rows.RowWriter of the open file
     try:
         batches = _Batches(inbox, spec.batch_max)
         while batch := batches.take():
@@ -92,14 +93,15 @@ def writer_main(
                 if f is None:
                     # h5py (and hdf5rows, which imports it) only here, at the
                     # first batch (see the module docstring): a run with nothing
-                    # to write never waits for it.  Both names stay bound for
+                    # to write never waits for it.  The names stay bound for
                     # the later batches.
                     import h5py
 
                     from mpipe import hdf5rows
 
                     f = h5py.File(spec.tmp_path, "a")
-                rejected = hdf5rows.write_rows(f, batch)
+                    rows = hdf5rows.RowWriter(f)
+                rejected = rows.write(batch)
                 if not spec.keep_open:
                     f.close()
                     f = None
