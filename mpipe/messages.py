@@ -11,8 +11,10 @@ Who sends what (see the diagram in :mod:`mpipe.runner`):
 =================  =====================  ==============================
 message            from -> to             meaning
 =================  =====================  ==============================
-``SourceItem``     producer -> runner     an item to run through the stages
-``SkippedItem``    producer -> runner     committed by an earlier run: not redone
+``SourceBatch``    producer -> runner     what the source yielded, of:
+``SourceItem``                            an item to run through the stages
+``SkippedItem``                           committed by an earlier run: not redone
+``ItemFailure``                           its value could not be pickled
 ``SourceFailed``   producer -> runner     the source function raised
 ``EndOfStream``    any -> its readers     one per reader; readers count them
 ``WorkBatch``      runner -> worker       run the stage on these ``WorkItem``s
@@ -106,6 +108,14 @@ class SkippedItem:
     key: str
     fingerprint: str
     value: bytes
+
+
+@_pickled_as_fields
+@dataclass(frozen=True, slots=True)
+class SourceBatch:
+    """Producer -> runner: the items the source yielded since the last batch."""
+
+    items: tuple[SourceItem | SkippedItem | ItemFailure, ...]
 
 
 @_pickled_as_fields

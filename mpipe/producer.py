@@ -1,11 +1,16 @@
 """The producer process: runs the source function, decides what to skip.
 
-It iterates the source, fingerprints each item, and puts one message per item
-on the bounded source queue (blocking when it is full: backpressure, so memory
-stays flat however many items the source yields).  An item already committed
-with the same fingerprint, and whose outputs exist, goes out as a
-:class:`SkippedItem` carrying its stored result.  The last message is one
-:class:`EndOfStream`.
+It iterates the source, fingerprints each item, and sends the items in
+:class:`SourceBatch` messages on the bounded source queue (blocking when it is
+full: backpressure, so memory stays flat however many items the source yields).
+An item already committed with the same fingerprint, and whose outputs exist,
+goes out as a :class:`SkippedItem` carrying its stored result.  The last
+message is one :class:`EndOfStream`.
+
+Batches form by themselves, never by waiting (:class:`_Sender`): a thread sends
+whatever the source yielded since its last send.  A slow source's items go one
+by one as they come; a fast one's go up to ``batch_max`` at a time, so that a
+run of quick items pays one queue message per batch instead of per item.
 
 Messages are pickled here, before ``put``: a ``multiprocessing.Queue`` pickles
 in a feeder thread and silently drops what it cannot pickle.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -30,6 +36,7 @@ from mpipe.messages import (
     EndOfStream,
     ItemFailure,
     SkippedItem,
+    SourceBatch,
     SourceFailed,
     SourceItem,
     Task,
@@ -62,6 +69,18 @@ class ProducerSpec:
     log_level: int
     pipeline_dir: str
     limit: int | None = None  # --limit: stop after this many items
+    batch_max: int = 1  # items per SourceBatch at most (see source_queue_bounds)
+
+
+# The source queue holds this many batches: with batches of at most
+# queue_size / SOURCE_BATCHES items it holds at most source.queue_size items.
+SOURCE_BATCHES = 2
+
+
+def source_queue_bounds(queue_size: int) -> tuple[int, int]:
+    """(messages the source queue holds, items per batch) for ``source.queue_size``."""
+    messages = min(SOURCE_BATCHES, queue_size)
+    return messages, max(1, queue_size // messages)
 
 
 def producer_main(
@@ -70,6 +89,8 @@ def producer_main(
     procs.child_setup("producer", lifeline, spec.log_level)
     ctx = SourceContext(spec.params, Path(spec.workdir), spec.allow_outside_workdir)
     committed = ledger.open_for_reading(Path(spec.ledger_path)) if spec.ledger_path else None
+    sender = _Sender(out, spec.batch_max)
+    failed: SourceFailed | None = None
     try:
         fn = imports.import_checked(spec.fn, spec.pipeline_dir)
         seen: set[str] = set()
@@ -81,13 +102,76 @@ def producer_main(
             if task.key in seen:
                 raise ValueError(f"the source yielded the key {task.key!r} twice")
             seen.add(task.key)
-            out.put(dumps(_message(index, task, ctx, spec, committed)))
+            sender.add(_message(index, task, ctx, spec, committed))
     except Exception as exc:
-        out.put(dumps(SourceFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc())))
+        failed = SourceFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc())
     finally:
         if committed is not None:
             committed.close()
+    sender.close()  # every item yielded before the end (or the error) goes first
+    if failed is not None:
+        out.put(dumps(failed))
     out.put(dumps(EndOfStream("producer")))
+
+
+class _Sender:
+    """Sends what the source yielded, batched by a thread, never delayed.
+
+    The thread takes everything added since its last send as one
+    :class:`SourceBatch`.  While the source computes (holding the GIL) items
+    accumulate, up to ``max_items``; when the source blocks, or the queue is
+    full, the thread sends at once.  ``add`` blocks while ``max_items`` wait,
+    so the producer never runs further ahead than the queue's bound allows.
+    """
+
+    def __init__(self, out: Queue[bytes], max_items: int) -> None:
+        self._out = out
+        self._max_items = max_items
+        self._pending: list[SourceItem | SkippedItem | ItemFailure] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mpipe-source-sender",
+                                        daemon=True)
+        self._thread.start()
+
+    def add(self, message: SourceItem | SkippedItem | ItemFailure) -> None:
+        with self._cond:
+            while len(self._pending) >= self._max_items and self._error is None:
+                self._cond.wait()
+            self._raise_if_failed()
+            self._pending.append(message)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Return once everything added is on the queue (raise if it cannot be)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        # Items that were never sent must not be followed by an EndOfStream:
+        # the process fails instead, and the runner reports the producer broken.
+        if self._error is not None:
+            raise RuntimeError("could not send items to the runner") from self._error
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._pending and not self._closed:
+                        self._cond.wait()
+                    if not self._pending:
+                        return
+                    batch, self._pending = tuple(self._pending), []
+                    self._cond.notify_all()
+                self._out.put(dumps(SourceBatch(batch)))  # blocks while the queue is full
+        except BaseException as exc:
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
 
 
 def _message(

@@ -30,9 +30,10 @@
 
 Who reads and writes what:
 
-* **producer**: runs the source function; puts one ``SourceItem`` (or
-  ``SkippedItem`` for an item committed by an earlier run) per item on the
-  source queue, blocking when it is full; ends with one ``EndOfStream``.
+* **producer**: runs the source function; puts ``SourceBatch``es of
+  ``SourceItem`` (``SkippedItem`` for an item committed by an earlier run) on
+  the source queue, blocking when it is full; ends with one ``EndOfStream``.
+  The runner moves them into the first stage's queue as it has room.
 * **stage workers**: each reads ``WorkItem`` from its own pipe, calls the stage
   function, answers ``ItemDone`` or ``ItemFailure``.  One item at a time, so
   the runner always knows what a dead worker held.  Exit on ``Shutdown``.
@@ -96,6 +97,7 @@ from mpipe.messages import (
     SinkBatch,
     SinkItem,
     SkippedItem,
+    SourceBatch,
     SourceFailed,
     SourceItem,
     WorkItem,
@@ -103,7 +105,7 @@ from mpipe.messages import (
     loads,
 )
 from mpipe.pool import Pool, Shared, StagePool
-from mpipe.producer import ProducerSpec, SourceContext, producer_main
+from mpipe.producer import ProducerSpec, SourceContext, producer_main, source_queue_bounds
 from mpipe.runlock import RunLock
 from mpipe.state import RunPaths, config_fingerprint, run_metadata
 from mpipe.waiter import Waiter
@@ -305,12 +307,13 @@ class Runner:
             self._pools.append(pool)
             first_slot += workers
 
-        self._source_queue = self._mp.Queue(cfg.source.queue_size)
+        source_messages, source_batch_max = source_queue_bounds(cfg.source.queue_size)
+        self._source_queue = self._mp.Queue(source_messages)
         ledger = None if self.fresh else str(self.paths.ledger)
         self._producer = self._spawn("producer", producer_main, (
             ProducerSpec(cfg.source.fn, params, workdir, cfg.allow_outside_workdir,
                          config_fingerprint(cfg), ledger, self.log_level, pipeline_dir,
-                         self._limit),
+                         self._limit, source_batch_max),
             self._source_queue, self._lifeline_r, self.stop_event))
         self._startup_s = time.monotonic() - self._t0
 
@@ -452,7 +455,8 @@ class Runner:
         # Read the source only while the first stage's queue has room: the
         # producer then blocks on the full source queue (backpressure).
         first = self._pools[0]
-        if not s.producer_ended and (s.stopping or len(first.queue) < first.config.queue_size):
+        if not s.producer_ended and (s.stopping or (
+                not s.source_backlog and len(first.queue) < first.config.queue_size)):
             # Same trick as concurrent.futures: wait on the queue's reader end.
             handlers[self._source_queue._reader] = self._on_source  # type: ignore[attr-defined]
         if not s.producer_exited:
@@ -498,6 +502,7 @@ class Runner:
 
     def _dispatch(self) -> None:
         s = self._state
+        self._admit_source()
         # Downstream first, so finished work leaves before new work enters.
         for k in range(len(self._pools) - 1, -1, -1):
             pool = self._pools[k]
@@ -553,33 +558,39 @@ class Runner:
 
     def _on_source(self, *, everything: bool = False) -> None:
         s = self._state
-        first = self._pools[0]
-        # Take what is there, up to the first stage's bound (a queue of small
-        # messages is cheaper to drain in one go than one wake-up per item).
-        while not s.producer_ended and self._source_queue._reader.poll():  # type: ignore[attr-defined]
-            if not (everything or s.stopping) and len(first.queue) >= first.config.queue_size:
-                break
+        # Take what is there while the first stage has room (a queue of small
+        # messages is cheaper to drain in one go than one wake-up per batch).
+        while (not s.producer_ended and (everything or s.stopping or not s.source_backlog)
+               and self._source_queue._reader.poll()):  # type: ignore[attr-defined]
             message = loads(self._source_queue.get())
-            if isinstance(message, EndOfStream):
+            if isinstance(message, SourceBatch):
+                s.source_backlog.extend(message.items)
+            elif isinstance(message, EndOfStream):
                 s.producer_ended = True
-            elif s.stopping:
-                continue  # drained so the producer can exit; redone next run
-            elif isinstance(message, SourceItem):
-                s.produced += 1
-                s.fingerprints[message.key] = message.fingerprint
-                first.queue.append(WorkItem(message.index, message.key, 1, message.value))
-            elif isinstance(message, SkippedItem):
-                s.produced += 1
-                s.skipped += 1
-                s.sink_pending.append(SinkItem(message.index, message.key, message.fingerprint,
-                                               message.value, replayed=True))
-            elif isinstance(message, ItemFailure):
-                s.produced += 1
-                s.failures.append(message)
             elif isinstance(message, SourceFailed):
                 s.errors.append(PipelineBrokenError(
                     f"the source function raised {message.message}\n{message.traceback}",
                     hint="items produced before the error are finished and committed"))
+            self._admit_source()
+
+    def _admit_source(self) -> None:
+        """Move source items into the first stage's queue while it has room."""
+        s = self._state
+        first = self._pools[0]
+        while s.source_backlog and (s.stopping or len(first.queue) < first.config.queue_size):
+            message = s.source_backlog.popleft()
+            if s.stopping:
+                continue  # drained so the producer can exit; redone next run
+            s.produced += 1
+            if isinstance(message, SourceItem):
+                s.fingerprints[message.key] = message.fingerprint
+                first.queue.append(WorkItem(message.index, message.key, 1, message.value))
+            elif isinstance(message, SkippedItem):
+                s.skipped += 1
+                s.sink_pending.append(SinkItem(message.index, message.key, message.fingerprint,
+                                               message.value, replayed=True))
+            else:
+                s.failures.append(message)
 
     def _on_producer_exit(self) -> None:
         s = self._state
@@ -703,7 +714,8 @@ class Runner:
     def _advance(self, now: float) -> None:
         s = self._state
         busy = any(p.in_flight for p in self._pools)
-        queued = any(p.queue for p in self._pools[1:]) or (not s.stopping and self._pools[0].queue)
+        queued = any(p.queue for p in self._pools[1:]) or (
+            not s.stopping and bool(self._pools[0].queue or s.source_backlog))
         if s.stopping and s.grace_deadline is not None and now >= s.grace_deadline and busy:
             for pool in self._pools:
                 for name in pool.busy_workers():
@@ -858,6 +870,8 @@ class _State:
     failures: list[ItemFailure] = field(default_factory=list)
     errors: list[MpipeError] = field(default_factory=list)
     fingerprints: dict[str, str] = field(default_factory=dict)
+    # Items received from the producer, not yet in the first stage's queue.
+    source_backlog: deque[SourceItem | SkippedItem | ItemFailure] = field(default_factory=deque)
     sink_pending: deque[SinkItem] = field(default_factory=deque)
     sink_in_flight: int = 0
     total: bytes | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -99,6 +100,8 @@ def test_every_message_type_pickles() -> None:
         messages.Task("k", {"t": 1}, ("a",), ("b",)),
         messages.SourceItem(0, "k", "fp", b"v"),
         messages.SkippedItem(0, "k", "fp", b"v"),
+        messages.SourceBatch((messages.SourceItem(0, "k", "fp", b"v"),
+                              messages.SkippedItem(1, "j", "fp", b"v"))),
         messages.SourceFailed("m", "tb"),
         messages.EndOfStream("producer"),
         messages.WorkItem(0, "k", 1, b"v"),
@@ -120,3 +123,46 @@ def test_every_message_type_pickles() -> None:
     for m in samples:
         copy = pickle.loads(pickle.dumps(m))
         assert copy == m and type(copy) is type(m)
+
+
+def _source_run(tmp_path: Path, params: str, extra: str = "") -> tuple[list[float], list[float]]:
+    """Run tests.source_stages; return (yield times, stage start times) by item."""
+    cfg = tmp_path / "source.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        pipeline: source-batches
+        workdir: .
+        params: {params}
+        source: {{fn: tests.source_stages:logged, queue_size: 4}}
+        stages:
+          s: {{fn: tests.source_stages:started_at, workers: 1, queue_size: 2}}
+        allowed_modules: [tests.source_stages]
+        fsync: false
+        {extra}"""))
+    result = mpipe("run", cfg, "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    yields = [float(line.split()[1])
+              for line in (tmp_path / "yields.log").read_text().splitlines()]
+    with h5py.File(tmp_path / "results.h5") as f:
+        starts = [float(v) for v in f["results"][:]]
+    assert len(starts) == len(yields)
+    return yields, starts
+
+
+def test_a_slow_sources_items_are_not_held_back_for_a_batch(tmp_path: Path) -> None:
+    # Item 0, then the source takes 3 s for item 1: item 0 must not wait for it.
+    yields, starts = _source_run(tmp_path, "{n: 3, pause_after: 0, pause_s: 3.0}")
+    assert starts[0] - yields[0] < 1.0, (yields, starts)
+    assert starts[1] - yields[0] >= 3.0  # the pause happened
+
+
+def test_the_source_runs_ahead_of_the_stages_only_by_the_queue_bounds(tmp_path: Path) -> None:
+    # 60 items, a stage of 20 ms with 1 worker: the source could yield all of them
+    # at once.  Yielded but not started, with source.queue_size 4 (batches of 2):
+    # at most the stage queue (2), the runner's backlog (a batch: 2), the source
+    # queue (2 batches: 4), the batch the producer's sender is putting (2), the
+    # next one gathering (2) and the item the source holds (1): 13.
+    yields, starts = _source_run(tmp_path, "{n: 60, stage_s: 0.02}")
+    for i, began in enumerate(starts):
+        yielded = sum(1 for t in yields if t <= began)
+        assert yielded <= i + 1 + 13, (i, yielded)
+    assert yields[-1] > starts[40]  # the source was held back, not just fast
