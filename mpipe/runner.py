@@ -138,7 +138,6 @@ class RunResult:
     wall_s: float = 0.0
     startup_s: float = 0.0
     error: MpipeError | None = None
-    total: Any = None
     results_path: str | None = None
     loop_started_at: float = 0.0  # wall clock when the loop began, after start-up
 
@@ -781,7 +780,6 @@ class Runner:
             if result.error is None and s.failures:
                 result.status = "items_failed"
                 result.error = ItemsFailedError(len(s.failures), s.produced, None)
-        result.total = loads(s.total) if s.total is not None else None
         result.wall_s = time.monotonic() - self._t0
         return result
 
