@@ -226,10 +226,16 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
         named.append(("consumer.fn", cfg.consumer.fn))
     if cfg.prepare:
         named.append(("prepare.fn", cfg.prepare.fn))
-    # Imported here, before anything starts: a misspelt name is a config error
-    # (exit 2) with its YAML line, and no run state is created.
-    for key, fn in named:
-        imports.resolve(fn, key, cfg.allowed_modules, loaded.base_dir, where=loaded.where(key))
+    # Imported before anything starts: a misspelt name is a config error (exit
+    # 2) with its YAML line, and no run state is created.  `mpipe run` imports
+    # them in a child of its forkserver, which has numpy loaded already.
+    checks = [(key, fn, loaded.where(key)) for key, fn in named]
+    if args.command == "run":
+        from mpipe import forkserver
+
+        forkserver.check_names(checks, cfg.allowed_modules, loaded.base_dir)
+    else:
+        imports.check_names(checks, cfg.allowed_modules, loaded.base_dir)
     if any(loaded.stage_backend(name) == "dask" for name in cfg.stages):
         # A missing `mpipe[dask]` extra is a config error found before anything starts.
         import mpipe.dask_backend  # noqa: F401

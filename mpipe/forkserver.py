@@ -7,6 +7,12 @@ threads or open HDF5 handles, unlike ``fork`` from the runner).  Its start-up
 yaml, rich); ``mpipe run`` now calls :func:`start` before those, so the two
 overlap.
 
+The runner never imports the pipeline's own modules: :func:`check_names`
+imports them in a child of the forkserver, whose numpy is already loaded, and
+reports the first bad name as the same :class:`ConfigError` (exit 2, key and
+YAML line) before any run state exists.  Importing them in the runner cost
+its start-up the 0.1 s of importing numpy a second time.
+
 What a forkserver inherits is fixed when it starts: the environment (the log
 settings of :mod:`mpipe.logsetup` travel that way, so :func:`start` comes after
 :func:`mpipe.logsetup.configure`) and ``sys.path``.  The pipeline's own
@@ -18,7 +24,15 @@ its path.
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    # Imported where used: this module is imported before the forkserver starts.
+    from mpipe.imports import Named
 
 # forkserver_init first: it makes the forkserver ignore SIGTERM (see there).
 PRELOAD = ["mpipe.forkserver_init", "mpipe.worker", "numpy"]
@@ -36,3 +50,49 @@ def start() -> ForkServerContext:
 
     forkserver.ensure_running()
     return ctx
+
+
+def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path) -> None:
+    """:func:`mpipe.imports.check_names` in a child of the forkserver (see above)."""
+    from mpipe import procs
+    from mpipe.errors import ConfigError
+
+    ctx = start()
+    result, child_end = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_check_names_child, name="mpipe-check-names",
+                          args=(child_end, list(named), list(allowed), str(base_dir)))
+    process.start()
+    child_end.close()
+    try:
+        answer = result.recv()
+    except EOFError:
+        process.join()
+        raise ConfigError(
+            "importing the pipeline's functions killed the process that checked them: it "
+            f"{procs.describe_exit(process.exitcode)}",
+            hint="import the modules named by the config by hand to see why "
+            "(python -c 'import MODULE')") from None
+    except BaseException:  # Ctrl-C while a module imports: it does not outlive us
+        process.kill()
+        process.join()
+        raise
+    finally:
+        result.close()
+    process.join()
+    if answer is not None:
+        message, hint = answer
+        raise ConfigError(message, hint=hint)
+
+
+def _check_names_child(result: Connection, named: list[Named], allowed: list[str],
+                       base_dir: str) -> None:
+    from mpipe import imports
+    from mpipe.errors import ConfigError
+
+    answer: tuple[str, str | None] | None = None
+    try:
+        imports.check_names(named, allowed, Path(base_dir))
+    except ConfigError as exc:
+        answer = (exc.message, exc.hint)
+    result.send(answer)
+

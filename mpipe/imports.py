@@ -114,3 +114,15 @@ def takes_context(fn: Callable[..., Any], n_args: int) -> bool:
         return True
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) > n_args
+
+
+# (config key, "module:function", where) of each function a config names.
+Named = tuple[str, str, str]
+
+
+def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path) -> None:
+    """Import and check every named function; raise the first :class:`ConfigError`."""
+    add_pipeline_dir(base_dir)
+    for key, name, where in named:
+        resolve(name, key, allowed, base_dir, where=where)
+

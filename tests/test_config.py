@@ -71,6 +71,24 @@ def test_bad_config_exits_2_naming_key_and_line(
     assert validate.returncode == 2
 
 
+def test_a_module_that_raises_or_crashes_on_import_is_a_config_error(tmp_path: Path) -> None:
+    # `mpipe run` imports the named modules in a child of its forkserver: an
+    # exception there, or the child's death, is still exit 2 before any state.
+    (tmp_path / "raising_stage.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "crashing_stage.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    cases = [("raising_stage", ["stages.compute.fn", "importing 'raising_stage' raised",
+                                "boom at import", "line 7"]),
+             ("crashing_stage", ["killed the process that checked them", "SIGSEGV"])]
+    for module, expected in cases:
+        cfg = write(tmp_path, GOOD.replace("mpipe.workloads.notes:process_task", f"{module}:f"))
+        proc = mpipe("run", cfg)
+        assert proc.returncode == 2, proc.stderr
+        for fragment in expected:
+            assert fragment in proc.stderr, f"{fragment!r} not in:\n{proc.stderr}"
+        assert not (tmp_path / ".mpipe").exists()
+
+
 def test_validate_and_plan_accept_a_good_config(tmp_path: Path) -> None:
     cfg = write(tmp_path, GOOD)
     assert mpipe("validate", cfg).returncode == 0
