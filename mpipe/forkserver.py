@@ -35,7 +35,10 @@ if TYPE_CHECKING:
     from mpipe.imports import Named
 
 # forkserver_init first: it makes the forkserver ignore SIGTERM (see there).
-PRELOAD = ["mpipe.forkserver_init", "mpipe.worker", "numpy"]
+# Every child's own module too: imported once here, off the runner's path,
+# rather than after each fork, while the run waits for that child.
+PRELOAD = ["mpipe.forkserver_init", "mpipe.worker", "mpipe.producer", "mpipe.consumer",
+           "mpipe.writer", "numpy"]
 
 
 def context() -> ForkServerContext:
