@@ -174,7 +174,9 @@ def test_workers_that_die_at_start_stop_the_run(tmp_path: Path) -> None:
     make_inputs(tmp_path, 3)
     cfg = notes_config(tmp_path, tasks=3, repeat=0, fn="tests.faults.startup_crash:process")
     start = time.monotonic()
-    proc = mpipe("run", cfg)
+    mark = tmp_path / "startup-crash-imported"
+    proc = mpipe("run", cfg, env={"STARTUP_CRASH_MARK": str(mark)})
+    assert mark.exists()  # the name check imported it
     assert proc.returncode == 3, proc.stderr
     assert "5 workers in a row died without finishing an item" in proc.stderr
     assert time.monotonic() - start < 60
