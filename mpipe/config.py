@@ -47,7 +47,10 @@ class PrepareConfig(_Strict):
 
 class SourceConfig(_Strict):
     fn: str = Field(pattern=FN_PATTERN)
-    queue_size: int = Field(16, ge=1, description="bound of the producer -> first stage queue")
+    # 64 and 32 (stages), not fewer: quick items travel in batches that these
+    # bounds cap, and each message costs the same whatever it carries
+    # (docs/BENCHMARKS.md, "Per item").  Memory: the items themselves, pickled.
+    queue_size: int = Field(64, ge=1, description="bound of the producer -> first stage queue")
 
 
 class DaskConfig(_Strict):
@@ -67,7 +70,7 @@ class StageConfig(_Strict):
     backend: Literal["local", "dask"] | None = Field(
         None, description="where this stage runs; default: the pipeline's backend")
     workers: int | Literal["auto"] = "auto"
-    queue_size: int = Field(8, ge=1, description="bound of this stage's input queue")
+    queue_size: int = Field(32, ge=1, description="bound of this stage's input queue")
     io_slots: int | None = Field(None, ge=1, description="workers in file IO at once")
     retries: int = Field(2, ge=0)
     timeout_s: float | None = Field(None, gt=0)
