@@ -7,6 +7,7 @@ what a long-lived cluster amortises, so it is not part of any timed run.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +31,9 @@ class LongLivedCluster:
         # As docs/DISTRIBUTED.md recommends: no MALLOC_TRIM_THRESHOLD_ in the
         # workers, mpipe's retries decide, one task per thread.
         conf = scratch / "dask-config"
-        conf.mkdir()
+        # Fresh directories each time: the previous make bench left its own.
+        shutil.rmtree(conf, ignore_errors=True)
+        conf.mkdir(parents=True)
         (conf / "mpipe.yaml").write_text(textwrap.dedent("""\
             distributed:
               nanny:
@@ -42,6 +45,7 @@ class LongLivedCluster:
             """))
         env = {**os.environ, "DASK_CONFIG": str(conf)}
         self.logs = scratch / "dask-logs"
+        shutil.rmtree(self.logs, ignore_errors=True)
         self.logs.mkdir()
         self.procs: list[subprocess.Popen[bytes]] = []
         self._start(env, "scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(port),
