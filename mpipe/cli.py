@@ -233,7 +233,8 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
     if args.command == "run":
         from mpipe import forkserver
 
-        forkserver.check_names(checks, cfg.allowed_modules, loaded.base_dir)
+        forkserver.check_names(checks, cfg.allowed_modules, loaded.base_dir,
+                               getattr(logging, args.log_level))
     else:
         imports.check_names(checks, cfg.allowed_modules, loaded.base_dir)
     if any(loaded.stage_backend(name) == "dask" for name in cfg.stages):

@@ -55,17 +55,26 @@ def start() -> ForkServerContext:
     return ctx
 
 
-def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path) -> None:
-    """:func:`mpipe.imports.check_names` in a child of the forkserver (see above)."""
+def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path,
+                log_level: int) -> None:
+    """:func:`mpipe.imports.check_names` in a child of the forkserver (see above).
+
+    The child is a child like the others (:func:`mpipe.procs.child_setup`): it
+    ignores SIGINT and SIGTERM and exits when it loses its lifeline, so an
+    import that hangs (a network filesystem) never outlives ``mpipe run``.
+    """
     from mpipe import procs
     from mpipe.errors import ConfigError
 
     ctx = start()
     result, child_end = ctx.Pipe(duplex=False)
+    lifeline_r, lifeline_w = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_check_names_child, name="mpipe-check-names",
-                          args=(child_end, list(named), list(allowed), str(base_dir)))
+                          args=(child_end, lifeline_r, log_level, list(named), list(allowed),
+                                str(base_dir)))
     process.start()
     child_end.close()
+    lifeline_r.close()
     try:
         answer = result.recv()
     except EOFError:
@@ -81,21 +90,33 @@ def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path) 
         raise
     finally:
         result.close()
-    process.join()
+        lifeline_w.close()  # the child exits at once if it has not already
+    # It has answered.  A non-daemon thread started by an imported module
+    # would keep it from exiting; it has nothing more to do.
+    process.join(CHECK_EXIT_GRACE_S)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
     if answer is not None:
         message, hint = answer
         raise ConfigError(message, hint=hint)
 
 
-def _check_names_child(result: Connection, named: list[Named], allowed: list[str],
-                       base_dir: str) -> None:
-    from mpipe import imports
+CHECK_EXIT_GRACE_S = 5.0
+
+
+def _check_names_child(result: Connection, lifeline: Connection, log_level: int,
+                       named: list[Named], allowed: list[str], base_dir: str) -> None:
+    from mpipe import imports, procs
     from mpipe.errors import ConfigError
 
+    procs.child_setup("check-names", lifeline, log_level)
     answer: tuple[str, str | None] | None = None
     try:
         imports.check_names(named, allowed, Path(base_dir))
     except ConfigError as exc:
         answer = (exc.message, exc.hint)
-    result.send(answer)
-
+    try:
+        result.send(answer)
+    except BrokenPipeError:
+        pass  # mpipe run is gone (Ctrl-C): nobody is waiting for the answer

@@ -120,8 +120,9 @@ class _Sender:
     The thread takes everything added since its last send as one
     :class:`SourceBatch`.  While the source computes (holding the GIL) items
     accumulate, up to ``max_items``; when the source blocks, or the queue is
-    full, the thread sends at once.  ``add`` blocks while ``max_items`` wait,
-    so the producer never runs further ahead than the queue's bound allows.
+    full, the thread sends at once.  ``add`` blocks while ``max_items`` wait:
+    beyond the queue's two batches the producer holds at most two more (the
+    one being put and the next one gathering) and the item the source yielded.
     """
 
     def __init__(self, out: Queue[bytes], max_items: int) -> None:

@@ -510,6 +510,13 @@ class Runner:
             room = self._room_after(k)
             if room > 0 and pool.queue:
                 pool.dispatch(room)
+            if k == 0 and s.source_backlog:
+                # Prefetch may just have emptied the first queue into the
+                # workers: refill it from the backlog now, not at the next event.
+                self._admit_source()
+                room = self._room_after(0)
+                if room > 0 and pool.queue:
+                    pool.dispatch(room)
         # What finished since the last iteration goes as one SinkBatch, at most
         # half the writer's window: the other half keeps arriving while the
         # writer commits.

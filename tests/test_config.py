@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import mpipe
+from tests.conftest import mpipe, start_mpipe
 
 GOOD = """\
 pipeline: notes
@@ -82,11 +84,29 @@ def test_a_module_that_raises_or_crashes_on_import_is_a_config_error(tmp_path: P
              ("crashing_stage", ["killed the process that checked them", "SIGSEGV"])]
     for module, expected in cases:
         cfg = write(tmp_path, GOOD.replace("mpipe.workloads.notes:process_task", f"{module}:f"))
-        proc = mpipe("run", cfg)
+        proc = mpipe("run", cfg, cwd=tmp_path)  # a core dump, if any, lands here
         assert proc.returncode == 2, proc.stderr
         for fragment in expected:
             assert fragment in proc.stderr, f"{fragment!r} not in:\n{proc.stderr}"
         assert not (tmp_path / ".mpipe").exists()
+
+
+def test_a_hanging_import_does_not_outlive_a_terminated_run(tmp_path: Path) -> None:
+    # The name check's child imports the module and hangs in it; SIGTERM kills
+    # mpipe run before it has set up its handlers.  The child must go too (its
+    # lifeline), within the fixture's 10 s, although it ignores SIGTERM.
+    (tmp_path / "hanging_stage.py").write_text(
+        "import pathlib, time\npathlib.Path('importing').touch()\ntime.sleep(60)\n")
+    cfg = write(tmp_path, GOOD.replace("mpipe.workloads.notes:process_task", "hanging_stage:f"))
+    proc = start_mpipe("run", cfg, cwd=tmp_path)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "importing").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    # no_child_left_behind (conftest) checks that the checker has exited.
 
 
 def test_validate_and_plan_accept_a_good_config(tmp_path: Path) -> None:

@@ -151,8 +151,9 @@ def _source_run(tmp_path: Path, params: str, extra: str = "") -> tuple[list[floa
 def test_a_slow_sources_items_are_not_held_back_for_a_batch(tmp_path: Path) -> None:
     # Item 0, then the source takes 3 s for item 1: item 0 must not wait for it.
     yields, starts = _source_run(tmp_path, "{n: 3, pause_after: 0, pause_s: 3.0}")
-    assert starts[0] - yields[0] < 1.0, (yields, starts)
-    assert starts[1] - yields[0] >= 3.0  # the pause happened
+    assert yields[1] - yields[0] >= 3.0  # the pause happened
+    # Item 0 started well before item 1 existed (held back, it would start after).
+    assert starts[0] < yields[1] - 1.0, (yields, starts)
 
 
 def test_the_source_runs_ahead_of_the_stages_only_by_the_queue_bounds(tmp_path: Path) -> None:
@@ -162,7 +163,6 @@ def test_the_source_runs_ahead_of_the_stages_only_by_the_queue_bounds(tmp_path: 
     # queue (2 batches: 4), the batch the producer's sender is putting (2), the
     # next one gathering (2) and the item the source holds (1): 13.
     yields, starts = _source_run(tmp_path, "{n: 60, stage_s: 0.02}")
-    for i, began in enumerate(starts):
-        yielded = sum(1 for t in yields if t <= began)
-        assert yielded <= i + 1 + 13, (i, yielded)
-    assert yields[-1] > starts[40]  # the source was held back, not just fast
+    ahead = [sum(1 for t in yields if t <= began) - (i + 1) for i, began in enumerate(starts)]
+    assert max(ahead) <= 13, ahead
+    assert max(ahead) >= 6, ahead  # the buffers did fill: the bound was what held it
