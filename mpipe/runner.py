@@ -573,7 +573,8 @@ class Runner:
                 s.source_backlog.extend(message.items)
             elif isinstance(message, EndOfStream):
                 s.producer_ended = True
-            elif isinstance(message, SourceFailed):
+            elif isinstance(message, SourceFailed) and not s.stopping:
+                # (While stopping, as before, the stop decides how the run ends.)
                 s.errors.append(PipelineBrokenError(
                     f"the source function raised {message.message}\n{message.traceback}",
                     hint="items produced before the error are finished and committed"))
