@@ -1,3 +1,3 @@
-from mpipe.cli import main
+from mpipe.cli import entry
 
-main()
+entry()
