@@ -57,7 +57,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -357,7 +357,7 @@ def run_item(spec: TaskSpec, item: WorkItem) -> ItemDone | ItemFailure:
         fn, with_ctx = _stage_function(spec)
     except Exception as exc:
         return ItemFailure(
-            index=item.index, key=item.key, stage=spec.stage, worker=address, kind="raised",
+            seq=item.seq, key=item.key, stage=spec.stage, worker=address, kind="raised",
             message=f"cannot import {spec.fn} on Dask worker {address}: {exc!r} (install "
             "the module on the workers, or put it on a filesystem they share)")
     ctx = DaskStageContext(stage=spec.stage, worker=address, params=spec.params,
@@ -368,7 +368,7 @@ def run_item(spec: TaskSpec, item: WorkItem) -> ItemDone | ItemFailure:
     if exit_code is not None and isinstance(reply, ItemFailure):
         # SystemExit in a Dask thread must not end the worker's other tasks.
         message = reply.message.removesuffix("; its worker exits")
-        reply = replace(reply, message=f"{message}; the Dask worker is kept")
+        reply = reply._replace(message=f"{message}; the Dask worker is kept")
     return reply
 
 
@@ -535,7 +535,7 @@ class DaskStagePool:
                            ", restarting that worker" if where else "")
             self.stats.timeouts += 1
             self._attempt_failed(item, ItemFailure(
-                index=item.index, key=item.key, stage=self.name, worker=where or "dask",
+                seq=item.seq, key=item.key, stage=self.name, worker=where or "dask",
                 kind="timeout",
                 message=f"ran longer than timeout_s={self.config.timeout_s}s; task cancelled"
                 + (f" and Dask worker {where} restarted" if where else ""),
@@ -620,7 +620,7 @@ class DaskStagePool:
             logger.warning("%s: Dask worker %s died while running item %s",
                            self.name, address, item.key)
             self._attempt_failed(item, ItemFailure(
-                index=item.index, key=item.key, stage=self.name, worker=address, kind="died",
+                seq=item.seq, key=item.key, stage=self.name, worker=address, kind="died",
                 message=f"Dask worker {address} died while running it (KilledWorker after "
                 f"{outcome.allowed_failures + 1} worker death(s)): the OS may have killed it "
                 "for running out of memory (check the worker's log and dmesg)",
@@ -629,13 +629,13 @@ class DaskStagePool:
             if self._client.status not in ("running", "connecting"):
                 self._lost_scheduler(f"client {self._client.status}")
             self._attempt_failed(item, ItemFailure(
-                index=item.index, key=item.key, stage=self.name, worker="dask", kind="died",
+                seq=item.seq, key=item.key, stage=self.name, worker="dask", kind="died",
                 message="Dask cancelled the task (the scheduler restarted or lost this client)"))
         else:
             hint = (" (are mpipe and the stage's modules installed on the workers?)"
                     if isinstance(outcome, ImportError) else "")
             self._attempt_failed(item, ItemFailure(
-                index=item.index, key=item.key, stage=self.name, worker="dask", kind="raised",
+                seq=item.seq, key=item.key, stage=self.name, worker="dask", kind="raised",
                 message=f"Dask could not run the task: {type(outcome).__name__}: {outcome}"
                 + hint))
 

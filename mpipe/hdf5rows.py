@@ -57,11 +57,11 @@ class RowWriter:
                         f"shape {row.shape} differs from the first result's {shape}")
             except (TypeError, ValueError) as exc:
                 rejected.append(ItemFailure(
-                    index=message.index, key=message.key, stage="writer", worker="writer",
+                    seq=message.seq, key=message.key, stage="writer", worker="writer",
                     kind="raised", message=f"its result cannot go into the results file: {exc}",
                 ))
                 continue
-            rows.append((message.index, message.key, row))
+            rows.append((message.seq, message.key, row))
         if not rows:
             return rejected
         rows.sort(key=lambda r: r[0])

@@ -1,7 +1,13 @@
 """The only things that cross a process boundary.
 
-Every message is a small frozen dataclass.  Item values travel *pickled*
-(``bytes``) inside them: the sender pickles synchronously, so an unpicklable
+Every message is a small ``NamedTuple``: immutable, named, and cheap to
+define (as frozen slots dataclasses, these types took 20 ms to create, in the
+runner and again in the forkserver, on every run's start-up path) and to
+pickle (as its fields).  Only :class:`Task`, which users build and may
+``dataclasses.replace``, is a dataclass (it does not cross a process boundary
+itself).  Readers dispatch with ``isinstance``, never ``==``: a named tuple
+equals any tuple of the same values.  Item values travel *pickled* (``bytes``)
+inside them: the sender pickles synchronously, so an unpicklable
 value fails at the call site with the item named, instead of being dropped by a
 ``multiprocessing.Queue`` feeder thread (see docs/RELIABILITY.md).  The runner
 forwards those bytes from one stage to the next without unpickling them.
@@ -30,12 +36,9 @@ message            from -> to             meaning
 
 from __future__ import annotations
 
-import operator
 import pickle
-from dataclasses import dataclass, fields
-from typing import Any, TypeVar
-
-_M = TypeVar("_M")
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 
 def dumps(value: Any) -> bytes:
@@ -47,31 +50,6 @@ def loads(data: bytes) -> Any:
     return pickle.loads(data)
 
 
-def _pickled_as_fields(cls: type[_M]) -> type[_M]:
-    """Pickle a frozen slots dataclass as ``cls(*fields)``.
-
-    The ``__getstate__``/``__setstate__`` that ``dataclass(slots=True)`` adds
-    call ``dataclasses.fields()`` and set each field from Python for every
-    object: a batch of 8 work items took 40 us each way, a third of a trivial
-    item's whole cost.  Reducing to the constructor's arguments takes 10 us.
-    """
-    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    if len(names) == 1:
-        (name,) = names
-
-        def __reduce__(self: Any) -> tuple[type[_M], tuple[Any, ...]]:
-            return cls, (getattr(self, name),)
-    else:
-        values = operator.attrgetter(*names)
-
-        def __reduce__(self: Any) -> tuple[type[_M], tuple[Any, ...]]:
-            return cls, values(self)
-
-    setattr(cls, "__reduce__", __reduce__)  # noqa: B010 (mypy: no method assignment)
-    return cls
-
-
-@_pickled_as_fields
 @dataclass(frozen=True, slots=True)
 class Task:
     """What a source function may yield for one item.
@@ -90,68 +68,52 @@ class Task:
     outputs: tuple[str, ...] = ()
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class SourceItem:
-    index: int
+class SourceItem(NamedTuple):
+    seq: int  # the item's position in the source's output
     key: str
     fingerprint: str
     value: bytes
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class SkippedItem:
+class SkippedItem(NamedTuple):
     """An item whose committed result is reused: it skips every stage."""
 
-    index: int
+    seq: int
     key: str
     fingerprint: str
     value: bytes
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class SourceBatch:
+class SourceBatch(NamedTuple):
     """Producer -> runner: the items the source yielded since the last batch."""
 
     items: tuple[SourceItem | SkippedItem | ItemFailure, ...]
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class SourceFailed:
+class SourceFailed(NamedTuple):
     message: str
     traceback: str
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class EndOfStream:
+class EndOfStream(NamedTuple):
     sender: str
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class WorkItem:
-    index: int
+class WorkItem(NamedTuple):
+    seq: int
     key: str
     attempt: int
     value: bytes
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class WorkBatch:
+class WorkBatch(NamedTuple):
     """Runner -> worker: items to run in order (one, or several for quick stages)."""
 
     items: tuple[WorkItem, ...]
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class ItemDone:
-    index: int
+class ItemDone(NamedTuple):
+    seq: int
     key: str
     worker: str
     value: bytes
@@ -161,9 +123,7 @@ class ItemDone:
     started_at: float = 0.0  # wall clock (time.time()), for the run's timeline
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class ItemFailure:
+class ItemFailure(NamedTuple):
     """Why one attempt at one item failed.
 
     ``kind`` is ``"raised"`` (the stage function raised), ``"died"`` (the worker
@@ -171,7 +131,7 @@ class ItemFailure:
     ``"pickle"`` (its value or result could not be pickled).
     """
 
-    index: int
+    seq: int
     key: str
     stage: str
     worker: str
@@ -181,33 +141,27 @@ class ItemFailure:
     exception: bytes | None = None
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class ReplyBatch:
+class ReplyBatch(NamedTuple):
     """Worker -> runner: outcomes of items, in the order they were run."""
 
     replies: tuple[ItemDone | ItemFailure, ...]
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class SinkItem:
+class SinkItem(NamedTuple):
     """A finished item on its way to the consumer and the writer.
 
     ``replayed`` items come from the ledger: the writer writes their row but
     does not commit them again.
     """
 
-    index: int
+    seq: int
     key: str
     fingerprint: str
     value: bytes
     replayed: bool
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class SinkBatch:
+class SinkBatch(NamedTuple):
     """Runner -> consumer -> writer: the items finished since the last batch.
 
     One message per runner loop iteration rather than per item: each message
@@ -218,9 +172,7 @@ class SinkBatch:
     items: tuple[SinkItem, ...]
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class Committed:
+class Committed(NamedTuple):
     """Writer -> runner: these keys are durable (``rejected`` ones are not)."""
 
     keys: tuple[str, ...]
@@ -228,24 +180,18 @@ class Committed:
     rejected: tuple[ItemFailure, ...] = ()
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class ConsumerDone:
+class ConsumerDone(NamedTuple):
     value: bytes
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class ProcessFailed:
+class ProcessFailed(NamedTuple):
     process: str
     message: str
     traceback: str = ""
     exit_code: int = 3
 
 
-@_pickled_as_fields
-@dataclass(frozen=True, slots=True)
-class Shutdown:
+class Shutdown(NamedTuple):
     """Runner -> worker: finish nothing more, exit cleanly."""
 
     reason: str = "done"

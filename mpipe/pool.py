@@ -295,7 +295,7 @@ class StagePool:
                 w.deadline = None
                 self.stats.timeouts += 1
                 self._attempt_failed(item, ItemFailure(
-                    index=item.index, key=item.key, stage=self.name, worker=w.name,
+                    seq=item.seq, key=item.key, stage=self.name, worker=w.name,
                     kind="timeout",
                     message=f"ran longer than timeout_s={self.config.timeout_s}s; worker killed",
                 ))
@@ -328,7 +328,7 @@ class StagePool:
         return True
 
     def _on_reply(self, w: _Worker, reply: ItemDone | ItemFailure) -> None:
-        if not w.held or w.held[0].index != reply.index:
+        if not w.held or w.held[0].seq != reply.seq:
             # A late answer for an item already failed by timeout: ignore it.
             return
         item = w.held.popleft()
@@ -355,7 +355,7 @@ class StagePool:
         self._release_slots(w)
         exitcode = w.process.exitcode
         running = self._shared.running[w.slot]
-        culprit = next((item for item in w.held if item.index == running), None)
+        culprit = next((item for item in w.held if item.seq == running), None)
         if culprit is not None:
             w.held.remove(culprit)
         self._requeue_untouched(w)
@@ -365,7 +365,7 @@ class StagePool:
             logger.warning("%s (pid %s) %s while running item %s",
                            w.name, w.process.pid, how, culprit.key)
             self._attempt_failed(culprit, ItemFailure(
-                index=culprit.index, key=culprit.key, stage=self.name, worker=w.name,
+                seq=culprit.seq, key=culprit.key, stage=self.name, worker=w.name,
                 kind="died", message=f"worker {w.name} {how}",
             ))
         elif not w.killed and not self._shared.stop_event.is_set():

@@ -182,7 +182,7 @@ def _message(
         value = dumps(task.value)
     except Exception as exc:
         return ItemFailure(
-            index=index, key=task.key, stage="source", worker="producer", kind="pickle",
+            seq=index, key=task.key, stage="source", worker="producer", kind="pickle",
             message=f"the source yielded a value that cannot be pickled: {exc}",
         )
     try:
@@ -190,7 +190,7 @@ def _message(
         outputs_exist = all(ctx.path(p).exists() for p in task.outputs)
     except PathEscapeError as exc:
         return ItemFailure(
-            index=index, key=task.key, stage="source", worker="producer", kind="raised",
+            seq=index, key=task.key, stage="source", worker="producer", kind="raised",
             message=str(exc),
         )
     entry = committed.lookup(task.key) if committed else None

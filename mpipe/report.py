@@ -60,7 +60,7 @@ def build(loaded: LoadedConfig, result: RunResult, exit_code: int, started_at: f
         "failures": [
             {
                 "key": f.key,
-                "index": f.index,
+                "index": f.seq,
                 "stage": f.stage,
                 "worker": f.worker,
                 "kind": f.kind,

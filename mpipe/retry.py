@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Protocol
 
 from mpipe.errors import MpipeError, OutputError
@@ -53,7 +52,7 @@ def settle_failed_attempt(
         stats.retries += 1
         logger.warning("%s: item %s failed (attempt %d of %d): %s; retrying",
                        stage, item.key, item.attempt, retries + 1, failure.message)
-        queue.appendleft(replace(item, attempt=item.attempt + 1))
+        queue.appendleft(item._replace(attempt=item.attempt + 1))
         return
     stats.failed += 1
     logger.error("%s: item %s failed for good after %d attempt(s): %s",

@@ -531,9 +531,9 @@ class Runner:
         s = self._state
         k = s.stage_index[stage]
         if k + 1 < len(self._pools):
-            self._pools[k + 1].queue.append(WorkItem(done.index, done.key, 1, done.value))
+            self._pools[k + 1].queue.append(WorkItem(done.seq, done.key, 1, done.value))
         else:
-            s.sink_pending.append(SinkItem(done.index, done.key, s.fingerprints.pop(done.key),
+            s.sink_pending.append(SinkItem(done.seq, done.key, s.fingerprints.pop(done.key),
                                            done.value, replayed=False))
 
     def _on_item_failed(self, stage: str, failure: ItemFailure) -> None:
@@ -591,10 +591,10 @@ class Runner:
             s.produced += 1
             if isinstance(message, SourceItem):
                 s.fingerprints[message.key] = message.fingerprint
-                first.queue.append(WorkItem(message.index, message.key, 1, message.value))
+                first.queue.append(WorkItem(message.seq, message.key, 1, message.value))
             elif isinstance(message, SkippedItem):
                 s.skipped += 1
-                s.sink_pending.append(SinkItem(message.index, message.key, message.fingerprint,
+                s.sink_pending.append(SinkItem(message.seq, message.key, message.fingerprint,
                                                message.value, replayed=True))
             else:
                 s.failures.append(message)

@@ -132,7 +132,7 @@ def _serve(conn: Connection, fn: Any, with_ctx: bool, ctx: StageContext, running
         item = inbox.popleft()
         # Written before the item starts, so that if this process dies the
         # runner charges the death to this item and no other (see mpipe.pool).
-        running[slot] = item.index
+        running[slot] = item.seq
         reply, exit_code = _run_one(fn, with_ctx, ctx, item)
         running[slot] = -1
         if not replies:
@@ -169,7 +169,7 @@ def _run_one(
 
     def failure(kind: str, message: str, exc: BaseException | None = None) -> ItemFailure:
         return ItemFailure(
-            index=item.index,
+            seq=item.seq,
             key=item.key,
             stage=ctx.stage,
             worker=ctx.worker,
@@ -204,7 +204,7 @@ def _run_one(
         message = f"the stage returned a {type(result).__name__} that cannot be pickled: {exc}"
         return failure("pickle", message, exc), None
     done = ItemDone(
-        index=item.index,
+        seq=item.seq,
         key=item.key,
         worker=ctx.worker,
         value=payload,
