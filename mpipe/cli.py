@@ -188,6 +188,16 @@ def entry() -> None:
     thread still running, or a stream that cannot be flushed, takes the normal
     way out, which waits for the one and reports the other.
     """
+    main_module = sys.modules["__main__"]
+    if getattr(main_module, "__spec__", None) is None:
+        # The console script has no module spec, so multiprocessing re-runs the
+        # script file in every child it starts (as __mp_main__: mpipe.cli's
+        # imports, some 6 ms of CPU per child), and preloading "__main__" in the
+        # forkserver does not help before Python 3.13 (CPython gh-126631).
+        # Named as `python -m mpipe` names it, children skip that step.
+        import importlib.util
+
+        main_module.__spec__ = importlib.util.find_spec("mpipe.__main__")
     try:
         main()
     except SystemExit as exc:

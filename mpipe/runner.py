@@ -256,10 +256,13 @@ class Runner:
         workdir = str(self.paths.workdir)
         pipeline_dir = str(self.loaded.base_dir.resolve())
 
-        # Sink first, so the writer is up before results arrive.  Every queue
-        # and semaphore is kept referenced here for the whole run: a child
-        # started by the forkserver opens named semaphores by name after
-        # start() returns, and a collected one is unlinked under it.
+        # The sealer first: it imports h5py as it starts (some 50 ms), the
+        # longest start of any child, and an empty or short run waits for it
+        # at the end.  Then the sink, so the writer is up before results
+        # arrive.  Every queue and semaphore is kept referenced here for the
+        # whole run: a child started by the forkserver opens named semaphores
+        # by name after start() returns, and a collected one is unlinked under it.
+        self._start_sealer()
         self._sink_queue = self._mp.Queue(cfg.writer.queue_size)
         self._writer_queue = writer_queue = self._mp.Queue(cfg.writer.queue_size)
         self._sink_batch_max = max(1, min(512, cfg.writer.queue_size // 2))
@@ -275,8 +278,6 @@ class Runner:
                 writer_spec, writer_queue, writer_end, self.results_lock, self._lifeline_r))
             writer_end.close()
             self._writers.append((process, conn))
-        # The sealer waits from the start, its h5py import paid while the run goes.
-        self._start_sealer()
         self._consumer_conn, consumer_end = self._mp.Pipe(duplex=False)
         self._consumer = self._spawn("consumer", consumer_main, (
             ConsumerSpec(cfg.consumer.fn if cfg.consumer else None, params, workdir,
