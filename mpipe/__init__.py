@@ -14,8 +14,7 @@ __all__ = ["Task", "__version__"]
 
 def __getattr__(name: str) -> Any:
     # `mpipe.Task` is imported on first use: `mpipe run` imports this package
-    # before it starts its forkserver, and the message types (dataclasses,
-    # some 15 ms) are not needed that early.
+    # before it starts its forkserver, and mpipe.messages is not needed that early.
     if name == "Task":
         from mpipe.messages import Task
 

@@ -177,31 +177,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Set by `mpipe run` when this process ran none of the pipeline's own code
+# (no `prepare`): only then may entry() skip the interpreter's tear-down.
+_skip_teardown = False
+
+
 def entry() -> None:
-    """The ``mpipe`` command: :func:`main`, then an exit without the tear-down.
+    """The ``mpipe`` command: :func:`main`, then, after ``mpipe run``, a quick exit.
 
     A normal exit frees every module and object of the interpreter (some 300
-    modules here) after the atexit handlers: 30-60 ms at the end of every run,
-    for memory the kernel frees at once anyway.  So once the atexit handlers
-    have run (logging flushed, multiprocessing's finalizers) and stdout and
-    stderr are flushed, the process ends with ``os._exit``.  A non-daemon
-    thread still running, or a stream that cannot be flushed, takes the normal
-    way out, which waits for the one and reports the other.
+    modules after a run) once the atexit handlers have run: 30-60 ms at the
+    end of every run, for memory the kernel frees at once anyway.  So once the
+    atexit handlers have run (logging flushed, multiprocessing's finalizers)
+    and stdout and stderr are flushed, a run's process ends with ``os._exit``.
+    Not when the process ran user code (a ``prepare`` function, whose objects
+    might rely on garbage collection to flush a file), nor when a profiler or
+    tracer hosts mpipe (it reports after SystemExit), nor while a non-daemon
+    thread runs, nor when a stream cannot be flushed: those take the normal way out.
     """
     main_module = sys.modules["__main__"]
     if getattr(main_module, "__spec__", None) is None:
         # The console script has no module spec, so multiprocessing re-runs the
         # script file in every child it starts (as __mp_main__: mpipe.cli's
-        # imports, some 6 ms of CPU per child), and preloading "__main__" in the
-        # forkserver does not help before Python 3.13 (CPython gh-126631).
-        # Named as `python -m mpipe` names it, children skip that step.
+        # imports, some 6 ms of CPU per child).  Preloading "__main__" in the
+        # forkserver would avoid that, but does nothing before Python 3.13.8
+        # (CPython gh-126631).  Named as `python -m mpipe` names it, children
+        # skip the step.
         import importlib.util
 
         main_module.__spec__ = importlib.util.find_spec("mpipe.__main__")
     try:
         main()
     except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
+        if (_skip_teardown and (exc.code is None or isinstance(exc.code, int))
+                and sys.getprofile() is None and sys.gettrace() is None):
             _exit_now(exc.code or 0)
         raise
 
@@ -215,8 +224,9 @@ def _exit_now(code: int) -> None:
         sys.exit(code)
     atexit._run_exitfuncs()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None when the shell closed it (`2>&-`)
+                stream.flush()
     except (OSError, ValueError):
         sys.exit(code)
     os._exit(code)
@@ -409,8 +419,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mpipe import imports, progress, report
     from mpipe.runner import Runner, RunResult
 
+    global _skip_teardown
     loaded = _load(args)
     cfg = loaded.config
+    _skip_teardown = cfg.prepare is None
     started = time.time()
     prepare = None
     if cfg.prepare:

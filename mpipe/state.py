@@ -101,11 +101,15 @@ def versions() -> dict[str, str]:
 
 
 def _platform() -> str:
-    # Not platform.platform(): on Linux it runs `uname -p` in a subprocess and
-    # scans the python binary for its libc, some 5-10 ms at the end of each run.
+    # Not platform.platform(): on Linux it runs `uname -p` in a subprocess
+    # (5-10 ms at the end of each run).
     u = os.uname()
-    libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else None
-    return "-".join([u.sysname, u.release, u.machine] + ([libc.replace(" ", "")] if libc else []))
+    parts = [u.sysname, u.release, u.machine]
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"
+    except (ValueError, OSError):  # not glibc: unknown name, or EINVAL on musl
+        libc = None
+    return "-".join(parts + ([libc.replace(" ", "")] if libc else []))
 
 
 def run_metadata(loaded: LoadedConfig, result: RunResult) -> dict[str, Any]:

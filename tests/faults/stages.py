@@ -129,3 +129,20 @@ def notes_with_eio_on_fsync(value: dict[str, int], ctx: StageContext) -> Any:
 
         os.fsync = failing_fsync
     return notes.process_task(value, ctx)
+
+
+class _WritesWhenFinalized:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __del__(self, _open: Any = open) -> None:  # `open` bound now: exit clears builtins late
+        with _open(self.path, "w") as f:
+            f.write("finalized\n")
+
+
+_kept: list[_WritesWhenFinalized] = []
+
+
+def prepare_with_finalizer(ctx: StageContext) -> None:
+    """A prepare whose object is only finalized when the interpreter exits."""
+    _kept.append(_WritesWhenFinalized(str(ctx.path("finalized.txt"))))

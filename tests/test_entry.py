@@ -1,0 +1,62 @@
+"""The `mpipe` command's own exit (cli.entry): quick after a run, never lossy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, check_against_reference, make_inputs, notes_config
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("mpipe")
+
+
+def _run(cmd: list[str | Path], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True,
+                          timeout=100, env=env)
+
+
+def test_console_script_keeps_exit_code_output_and_log(tmp_path: Path) -> None:
+    # The path cron and systemd take: the console script, whose children are
+    # started with __main__ named mpipe.__main__, and the quick exit.
+    make_inputs(tmp_path, 4)
+    cfg = notes_config(tmp_path, tasks=4, repeat=0,
+                       fn="tests.faults.stages:notes_with_fault")
+    log = tmp_path / "run.log"
+    proc = _run([CONSOLE_SCRIPT, "run", cfg, "--set", "params.fault=raise",
+                 "--set", "params.fault_key=t001", "--log-file", log], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "report:" in proc.stdout  # the summary's last line, flushed
+    assert "1 of 4 items failed" in proc.stderr  # printed last, flushed
+    report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
+    assert report["exit_code"] == 1 and report["counts"]["committed"] == 3
+    logged = log.read_text()
+    assert "t001" in logged and logged.endswith("\n")
+    check_against_reference(tmp_path, 4, 0, expect_tasks=[0, 2, 3])
+
+
+def test_a_profiler_hosting_mpipe_still_gets_its_report(tmp_path: Path) -> None:
+    # cProfile writes its output after the module's SystemExit: mpipe must not
+    # end the process under it.
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    out = tmp_path / "profile.out"
+    proc = _run([sys.executable, "-m", "cProfile", "-o", out, "-m", "mpipe", "run", cfg,
+                 "--quiet"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 0
+    check_against_reference(tmp_path, 2, 0)
+
+
+def test_after_a_prepare_function_the_interpreter_exits_normally(tmp_path: Path) -> None:
+    # The prepare function ran in this process: objects it left behind are
+    # finalized at exit as Python promises (a quick os._exit would skip them).
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0,
+                       extra="prepare: {fn: tests.faults.stages:prepare_with_finalizer}\n")
+    proc = _run([CONSOLE_SCRIPT, "run", cfg, "--quiet"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "finalized.txt").read_text() == "finalized\n"
