@@ -699,16 +699,20 @@ class Runner:
         self._request_stop(grace_s=0)
 
     def _lift_cpu_bound(self) -> None:
-        """The last wave (all that is left is in the last stage's workers): let
-        every worker still busy compute at once.
+        """The last wave: let every worker still busy compute at once.
 
         ``cpu_slots`` keeps extra workers from fighting over the cores while
-        there is work to overlap with.  Once nothing is left to hand out, the
-        bound can only leave cores idle: with 5 equal items on 4 slots the
-        fifth would start after the first four (2 item-times) instead of all
-        five sharing the cores (1.25).  This is the notes' 4-vs-5 processes
-        puzzle (docs/BENCHMARKS.md).  Extra permits are never taken back: a
-        retry after this point also runs unbounded.
+        there is work to overlap with.  Once nothing is left to hand out and
+        fewer than two rounds of ``cpu_slots`` items remain (all of them in the
+        last stage's workers), the bound can only leave cores idle: with 5
+        equal items on 4 slots the fifth would start after the first four (2
+        item-times) instead of all five sharing the cores (1.25).  This is the
+        notes' 4-vs-5 processes puzzle (docs/BENCHMARKS.md).  Not sooner: 10
+        items on 2 slots take 5 item-times either way, but all 10 computing at
+        once thrash the caches and finish together, their writes no longer
+        overlapping anyone's compute (run 5 measured W=10 9% slower than W=2).
+        Extra permits are never taken back: a retry after this point also runs
+        unbounded.
         """
         s = self._state
         s.cpu_bound_lifted = True
@@ -717,7 +721,8 @@ class Runner:
         for _ in range(max(0, extra)):
             self._shared.cpu_semaphore.release()
         if extra > 0:
-            logger.info("last wave: cpu_slots lifted for %d more worker(s)", extra)
+            logger.info("last wave: cpu_slots lifted for %d more worker(s), %d item(s) left",
+                        extra, last.in_flight)
 
     def _advance(self, now: float) -> None:
         s = self._state
@@ -738,7 +743,8 @@ class Runner:
             s.finished = True
             return
         if (s.producer_ended and not queued and not s.stopping and not s.cpu_bound_lifted
-                and not any(p.in_flight for p in self._pools[:-1])):
+                and not any(p.in_flight for p in self._pools[:-1])
+                and self._pools[-1].in_flight < 2 * self.loaded.cpu_slot_count()):
             self._lift_cpu_bound()
         all_in = s.producer_ended and not busy and not queued
         if all_in and not s.sink_pending and not s.sink_closed:
