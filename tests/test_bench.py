@@ -60,7 +60,12 @@ def test_bench_quick_writes_results_and_plot(tmp_path: Path) -> None:
 
     assert doc["targets"] and all({"target", "measured", "bound", "met"} <= t.keys()
                                   for t in doc["targets"])
-    assert "| tasks | workers | wall s |" in (out / "tables.md").read_text()
+    tables = (out / "tables.md").read_text()
+    assert "| tasks | workers | wall s |" in tables
+    (out / "tables.md").unlink()
+    rendered = mpipe("bench", "--render", out / "results.json", timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    assert (out / "tables.md").read_text() == tables  # the same runs, the same tables
     png = out / "speedup.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -72,3 +77,26 @@ def test_bench_quick_writes_results_and_plot(tmp_path: Path) -> None:
         assert all(_positive(r) for r in dask["over_local"][name]["ratios"]), name
     dask_targets = [t for t in doc["targets"] if "Dask backend / local backend" in t["target"]]
     assert [_positive(t["measured"]) for t in dask_targets] == [True, True]
+
+
+def test_more_workers_than_cores_is_read_against_the_floor() -> None:
+    # The W=10 column ran minutes after the W=2 one and everything slowed by
+    # 20%: the floor (the same 2 processes in both columns) shows it, and the
+    # target divides it out; the plain ratio of medians is only reported.
+    from mpipe.bench.report import targets
+
+    def column(workers: int, mpipe_s: float, to_floor: float) -> dict[str, object]:
+        return {"workers": workers, "floor_processes": 2,
+                "summary": {"mpipe": {"median_wall_s": mpipe_s},
+                            "floor": {"median_ratio": to_floor}}}
+
+    doc = {"machine": {"cores": 2},
+           "suites": {"compute": {"configs": [column(2, 5.0, 1.05), column(10, 6.0, 1.06)]}}}
+    rows = {t["target"]: t for t in targets(doc)}
+    corrected = rows["compute W=10 vs W=2: more workers than cores (x floor / x floor)"]
+    assert corrected["measured"] == 1.06 / 1.05 and corrected["met"] is True
+    plain = rows["compute W=10 vs W=2: mpipe medians, uncorrected"]
+    assert plain["measured"] == 6.0 / 5.0 and plain["met"] is None
+    doc["suites"]["compute"]["configs"][1] = column(10, 6.0, 1.20)
+    rows = {t["target"]: t for t in targets(doc)}
+    assert rows["compute W=10 vs W=2: more workers than cores (x floor / x floor)"]["met"] is False

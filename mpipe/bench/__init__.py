@@ -95,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "compiled modules under DIR/pycache")
     parser.add_argument("--log-level", default="WARNING",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="run nothing: recompute the targets of an earlier run's "
+                        "results.json and write its tables.md and speedup.png again")
 
 
 def _plan(args: argparse.Namespace) -> Any:
@@ -165,6 +168,8 @@ def main(args: argparse.Namespace) -> int:
 
     # Wide enough for the tables when piped to a file (rich assumes 80 columns).
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    if args.render is not None:
+        return _render(args.render, console)
     plan = _plan(args)
     # The tail puzzle is an explanation, not a check: not part of the smoke run.
     only = args.only or [n for n in suites.SUITES if not (args.quick and n == "tail")]
@@ -223,6 +228,21 @@ def main(args: argparse.Namespace) -> int:
     if failures or disagree:
         console.print(f"[red]failed runs: {failures}; totals that disagree: {disagree}[/red]")
         return 1
+    return 0
+
+
+def _render(results: Path, console: Any) -> int:
+    """The tables, targets and plot of an earlier run, from its measurements alone."""
+    import json
+
+    from mpipe.bench import report
+
+    doc = json.loads(results.read_text())
+    doc["targets"] = report.targets(doc)
+    report.write_json(doc, results)
+    (results.parent / "tables.md").write_text(report.markdown(doc))
+    report.plot(doc, results.parent / "speedup.png")
+    report.print_tables(doc, console)
     return 0
 
 

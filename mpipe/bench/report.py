@@ -50,10 +50,11 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
     if "compute" in suites:
         walls: dict[int, float] = {}
+        to_floor: dict[int, float] = {}
         for cfg in suites["compute"]["configs"]:
             w, summ = cfg["workers"], cfg["summary"]
             walls[w] = summ["mpipe"]["median_wall_s"]
-            floor = summ["floor"]["median_ratio"]
+            floor = to_floor[w] = summ["floor"]["median_ratio"]
             add(f"compute W={w}: mpipe / floor({cfg['floor_processes']})", floor, "<= 1.05",
                 floor <= 1.05)
             peer_ratios = {n: s["median_ratio"] for n, s in summ.items()
@@ -66,8 +67,16 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         base = walls.get(cores)
         for w, v in sorted(walls.items()):
             if base is not None and w > cores:
-                add(f"compute W={w} vs W={cores}: more workers than cores", v / base,
-                    f"<= {NOISE_SLACK} (never slower, 5% noise)", v / base <= NOISE_SLACK)
+                # Each column's rounds ran minutes apart, and this machine drifts
+                # by 10-25% in that time.  The floor of a column with W > cores
+                # is the same `cores` processes as at W = cores, identical work:
+                # mpipe / floor per pair, divided between the columns, cancels
+                # the drift.  The plain ratio of medians is reported beside it.
+                rel = to_floor[w] / to_floor[cores]
+                add(f"compute W={w} vs W={cores}: more workers than cores (x floor / x floor)",
+                    rel, f"<= {NOISE_SLACK} (never slower, 5% noise)", rel <= NOISE_SLACK)
+                add(f"compute W={w} vs W={cores}: mpipe medians, uncorrected", v / base,
+                    "reported", None)
     if "io" in suites:
         summ = suites["io"]["summary"]
         add("io: mpipe / IO floor", summ["floor"]["median_ratio"], "<= 1.10",
