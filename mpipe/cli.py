@@ -209,10 +209,20 @@ def entry() -> None:
     try:
         main()
     except SystemExit as exc:
-        if (_skip_teardown and (exc.code is None or isinstance(exc.code, int))
-                and sys.getprofile() is None and sys.gettrace() is None):
+        if _skip_teardown and (exc.code is None or isinstance(exc.code, int)) and not _hosted():
             _exit_now(exc.code or 0)
         raise
+
+
+def _hosted() -> bool:
+    """Whether a profiler, tracer, coverage tool or debugger watches this process."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return True
+    # Python 3.12+: cProfile, coverage and debuggers may use sys.monitoring
+    # instead, and then the two calls above return None.
+    monitoring = getattr(sys, "monitoring", None)
+    return monitoring is not None and any(monitoring.get_tool(tool) is not None
+                                          for tool in range(6))
 
 
 def _exit_now(code: int) -> None:

@@ -9,8 +9,8 @@ directories, and the two shared semaphores:
 * ``ctx.cpu()``: at most ``cpu_slots`` workers computing at once across all
   stages (default: the cores), so extra workers overlap their IO with other
   workers' compute instead of fighting for the cores.  The runner lifts this
-  bound for the last wave, once nothing is left to hand out (see
-  ``Runner._lift_cpu_bound``).
+  bound for the last round, once nothing is left to hand out and fewer than
+  2 x ``cpu_slots`` items remain (see ``Runner._lift_cpu_bound``).
 
 A worker killed while holding a slot would leak it for good (a semaphore, like
 a ``multiprocessing.Lock``, is not released by the death of its holder:

@@ -40,20 +40,22 @@ def test_io_only_variant_and_more_workers_than_cores(tmp_path: Path) -> None:
     proc = mpipe("run", cfg, "--log-level", "INFO")
     assert proc.returncode == 0, proc.stderr
     check_against_reference(tmp_path, 4, 0)
-    # Nothing left to hand out once the 4 items are dispatched; the last wave
-    # (the last item here) may use every worker, not just cpu_slots of them.
-    assert "last wave: cpu_slots lifted for 5 more worker(s), 1 item(s) left" in proc.stderr
+    # Nothing left to hand out once the 4 items are dispatched; the last round
+    # (with cpu_slots 1: the last item) may use every worker.
+    assert "last wave: cpu_slots lifted for 5 more worker(s)" in proc.stderr
 
 
 def test_cpu_slots_lifted_only_for_the_last_round(tmp_path: Path) -> None:
     # 6 items on 6 workers and 2 cpu_slots: all are handed out at once, but
     # lifting the bound then would put 6 computations on 2 cores; it waits
-    # until fewer than two rounds (< 4 items) are left.
+    # until fewer than two rounds (< 4 items) are left.  repeat=1: each item
+    # computes long enough, 2 at a time, that they finish a pair at a time and
+    # the runner sees the count pass 3 (it logs the count when it lifts).
     make_inputs(tmp_path, 6)
-    cfg = notes_config(tmp_path, tasks=6, repeat=0, workers=6, extra="cpu_slots: 2\n")
+    cfg = notes_config(tmp_path, tasks=6, repeat=1, workers=6, extra="cpu_slots: 2\n")
     proc = mpipe("run", cfg, "--log-level", "INFO")
     assert proc.returncode == 0, proc.stderr
-    check_against_reference(tmp_path, 6, 0)
+    check_against_reference(tmp_path, 6, 1)
     [line] = [ln for ln in proc.stderr.splitlines() if "cpu_slots lifted" in ln]
     left = int(line.split("worker(s), ")[1].split()[0])
     assert 1 <= left <= 3, line

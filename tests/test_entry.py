@@ -53,7 +53,7 @@ def test_a_profiler_hosting_mpipe_still_gets_its_report(tmp_path: Path) -> None:
 
 def test_after_a_prepare_function_the_interpreter_exits_normally(tmp_path: Path) -> None:
     # The prepare function ran in this process: objects it left behind are
-    # finalized at exit as Python promises (a quick os._exit would skip them).
+    # finalized at exit as CPython finalizes them (os._exit would skip that).
     make_inputs(tmp_path, 2)
     cfg = notes_config(tmp_path, tasks=2, repeat=0,
                        extra="prepare: {fn: tests.faults.stages:prepare_with_finalizer}\n")
