@@ -704,9 +704,9 @@ class Runner:
         ``cpu_slots`` keeps extra workers from fighting over the cores while
         there is work to overlap with.  Once nothing is left to hand out and
         fewer than two rounds of ``cpu_slots`` items remain (all of them in the
-        last stage's workers), the bound can only leave cores idle: with 5
+        last stage's workers), the bound can only leave slots idle: with 5
         equal items on 4 slots the fifth would start after the first four (2
-        item-times) instead of all five sharing the cores (1.25).  This is the
+        item-times) instead of all five sharing them (1.25).  This is the
         notes' 4-vs-5 processes puzzle (docs/BENCHMARKS.md).  Not sooner: 10
         items on 2 slots take 5 item-times either way, but all 10 computing at
         once thrash the caches and finish together, their writes no longer
