@@ -100,3 +100,48 @@ def test_more_workers_than_cores_is_read_against_the_floor() -> None:
     doc["suites"]["compute"]["configs"][1] = column(10, 6.0, 1.20)
     rows = {t["target"]: t for t in targets(doc)}
     assert rows["compute W=10 vs W=2: more workers than cores (x floor / x floor)"]["met"] is False
+
+
+def test_sigterm_stops_the_bench_and_everything_it_started(tmp_path: Path) -> None:
+    # SIGTERM while the Dask suite runs: its long-lived cluster (scheduler and
+    # workers the harness started) and the run being timed must go with it.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "bench"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "mpipe", "bench", "--quick", "--only", "dask",
+                             "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first timed run is over: the next one is running
+            if "dask W=" in line and " s  CPU" in line:
+                break
+        else:
+            raise AssertionError("the bench ended before its first timed run")
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
+
+    # pytest is a child subreaper (conftest): whatever the bench left running
+    # is still our descendant.  A forkserver notices its parent's exit in moments.
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while left := [p for p in psutil.Process().children(recursive=True) if running(p)]:
+        assert time.monotonic() < deadline, [p.pid for p in left]
+        time.sleep(0.2)

@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -170,6 +171,10 @@ def main(args: argparse.Namespace) -> int:
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if args.render is not None:
         return _render(args.render, console)
+    # SIGTERM (a CI timeout, `kill`) ends the bench through its `finally`
+    # blocks, as Ctrl-C does: the timed run is killed and a long-lived Dask
+    # cluster the harness started is stopped, not left running.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     plan = _plan(args)
     # The tail puzzle is an explanation, not a check: not part of the smoke run.
     only = args.only or [n for n in suites.SUITES if not (args.quick and n == "tail")]
@@ -229,6 +234,10 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"[red]failed runs: {failures}; totals that disagree: {disagree}[/red]")
         return 1
     return 0
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _render(results: Path, console: Any) -> int:

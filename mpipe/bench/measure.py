@@ -225,8 +225,30 @@ def _wait_exactly(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
     timer.start()
     try:
         return proc.wait()
+    except BaseException:
+        # Interrupted (Ctrl-C, or SIGTERM, which `mpipe bench` turns into
+        # SystemExit): the run being timed must not outlive the harness.
+        _kill_tree(proc.pid)
+        raise
     finally:
         timer.cancel()
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=5)
+    _reap_exited()
 
 
 def run_group(cmds: list[list[str]], *, cores: int, logs: list[Path],
