@@ -140,17 +140,22 @@ def _reap_all(deadline_s: float) -> int:
         if time.monotonic() >= end:
             break
         time.sleep(0.005)
-    import psutil
-
     for p in left:
         logger.warning("killing a leftover process: pid %d %s", p.pid, p.name())
+    _kill_and_reap(left)
+    return len(left)
+
+
+def _kill_and_reap(procs: list[Any]) -> None:
+    import psutil
+
+    for p in procs:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(left, timeout=5)
+    psutil.wait_procs(procs, timeout=5)
     _reap_exited()
-    return len(left)
 
 
 def _reap_exited() -> None:
@@ -242,13 +247,7 @@ def _kill_tree(pid: int) -> None:
         tree = [*root.children(recursive=True), root]
     except psutil.NoSuchProcess:
         return
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=5)
-    _reap_exited()
+    _kill_and_reap(tree)
 
 
 def run_group(cmds: list[list[str]], *, cores: int, logs: list[Path],
