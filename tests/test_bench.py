@@ -145,3 +145,22 @@ def test_sigterm_stops_the_bench_and_everything_it_started(tmp_path: Path) -> No
     while left := [p for p in psutil.Process().children(recursive=True) if running(p)]:
         assert time.monotonic() < deadline, [p.pid for p in left]
         time.sleep(0.2)
+
+
+def test_ab_alternates_an_earlier_commit_with_this_tree(tmp_path: Path) -> None:
+    # HEAD against this tree: the tool exports the commit with git archive and
+    # runs both (a smoke test: an A/A comparison, no timing is asserted).
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, make_inputs, notes_config
+
+    make_inputs(tmp_path, 1)
+    cfg = notes_config(tmp_path, tasks=1, repeat=0)
+    proc = subprocess.run([sys.executable, "-m", "mpipe.bench.ab", "HEAD", str(cfg),
+                           "--pairs", "2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [line] = proc.stdout.splitlines()
+    assert line.startswith("pipeline.yaml: HEAD ") and "(medians of 2)" in line, line
+    assert float(line.rsplit(": ", 1)[1]) > 0
