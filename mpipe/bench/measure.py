@@ -260,7 +260,13 @@ def run_group(cmds: list[list[str]], *, cores: int, logs: list[Path],
         procs = [subprocess.Popen(c, stdout=h, stderr=subprocess.STDOUT, env=env)
                  for c, h in zip(cmds, handles, strict=True)]
         deadline = time.monotonic() + timeout_s
-        codes = [_wait_exactly(p, max(0.0, deadline - time.monotonic())) for p in procs]
+        try:
+            codes = [_wait_exactly(p, max(0.0, deadline - time.monotonic())) for p in procs]
+        except BaseException:
+            # _wait_exactly killed the one it waited for; the others go too.
+            for p in procs:
+                _kill_tree(p.pid)
+            raise
         wall = time.perf_counter() - t0
         stragglers = _reap_all(REAP_DEADLINE_S)
         cpu = _cpu_children() - cpu0
