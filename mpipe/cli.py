@@ -281,7 +281,9 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
     from mpipe.config import load_config
     from mpipe.state import RunPaths
 
-    loaded = load_config(args.config, args.overrides)
+    # `mpipe run` takes an input that validated before without pydantic;
+    # `validate`, `plan` and `tune` always validate.
+    loaded = load_config(args.config, args.overrides, remembered=args.command == "run")
     cfg = loaded.config
     imports.add_pipeline_dir(loaded.base_dir)
     named = [("source.fn", cfg.source.fn)]

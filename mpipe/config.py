@@ -7,114 +7,171 @@ YAML line ("stages.compute.workers: must be >= 1 (got 0), pipeline.yaml line 12"
 The file is read with ``yaml.SafeLoader`` only: the default and Full loaders have
 executed arbitrary code (CVE-2017-18342, CVE-2020-1747, CVE-2020-14343), so a
 ``!!python/object`` tag is a config error here.
+
+The config's types are frozen standard dataclasses, and pydantic validates them
+(:mod:`mpipe.validation`): the rules are written once, here, as annotations
+pydantic reads (:class:`Rule`, :class:`Check`), yet the runner, its children
+and Dask workers use the types without importing pydantic (loading
+pipeline.yaml takes about 0.19 s with it, 0.065 s without, on the machine of
+docs/BENCHMARKS.md).  ``mpipe run`` validates each distinct input once
+(:mod:`mpipe.validated`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
 
 from mpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic import GetCoreSchemaHandler
+    from pydantic_core import CoreSchema
 
 FROM_COMMAND_LINE = -1
 FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
-class _Strict(BaseModel):
-    # Unknown keys are errors: a misspelt "wokers: 8" must not be ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Rule:
+    """Constraints on one field, as ``pydantic.Field`` takes them (``ge=1``).
+
+    Read by pydantic only when it validates; pydantic is imported then, not
+    when this module is.
+    """
+
+    def __init__(self, **constraints: Any) -> None:
+        self.constraints = constraints
+
+    def __get_pydantic_core_schema__(self, source: Any,
+                                     handler: GetCoreSchemaHandler) -> CoreSchema:
+        from pydantic import Field
+
+        return handler(Annotated[source, Field(**self.constraints)])
 
 
-class PrepareConfig(_Strict):
+class Check:
+    """A function that checks (and returns) a field's value once pydantic has it."""
+
+    def __init__(self, check: Callable[[Any], Any]) -> None:
+        self.check = check
+
+    def __get_pydantic_core_schema__(self, source: Any,
+                                     handler: GetCoreSchemaHandler) -> CoreSchema:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+
+# Unknown keys are errors: a misspelt "wokers: 8" must not be ignored.
+_FORBID_UNKNOWN_KEYS = {"extra": "forbid"}
+FnName = Annotated[str, Rule(pattern=FN_PATTERN)]
+
+
+def _workers_positive(v: int | str) -> int | str:
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"must be >= 1 or 'auto' (got {v})")
+    return v
+
+
+def _stage_names(v: dict[str, StageConfig]) -> dict[str, StageConfig]:
+    for name in v:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ValueError(f"stage name {name!r} must be letters, digits, '_' or '-'")
+    return v
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
     """A function run once before the pipeline (e.g. make missing inputs)."""
 
-    fn: str = Field(pattern=FN_PATTERN)
+    __pydantic_config__ = _FORBID_UNKNOWN_KEYS
+    fn: FnName
 
 
-class SourceConfig(_Strict):
-    fn: str = Field(pattern=FN_PATTERN)
-    # 64 and 32 (stages), not fewer: quick items travel in batches that these
-    # bounds cap, and each message costs the same whatever it carries
-    # (docs/BENCHMARKS.md, "Per item").  Memory: the items themselves, pickled.
-    queue_size: int = Field(64, ge=1, description="bound of the producer -> first stage queue")
+@dataclass(frozen=True)
+class SourceConfig:
+    __pydantic_config__ = _FORBID_UNKNOWN_KEYS
+    fn: FnName
+    # Bound of the producer -> first stage queue.  64 and 32 (stages), not
+    # fewer: quick items travel in batches that these bounds cap, and each
+    # message costs the same whatever it carries (docs/BENCHMARKS.md, "Per
+    # item").  Memory: the items themselves, pickled.
+    queue_size: Annotated[int, Rule(ge=1)] = 64
 
 
-class DaskConfig(_Strict):
+@dataclass(frozen=True)
+class DaskConfig:
     """Where a ``dask`` stage runs: an existing scheduler, or a LocalCluster."""
 
-    address: str | None = Field(None, description="tcp://host:8786 of a running scheduler")
-    local_workers: int | None = Field(None, ge=1, description="start a LocalCluster of N")
-    threads_per_worker: int = Field(1, ge=1)
+    __pydantic_config__ = _FORBID_UNKNOWN_KEYS
+    address: str | None = None  # tcp://host:8786 of a running scheduler
+    local_workers: Annotated[int | None, Rule(ge=1)] = None  # start a LocalCluster of N
+    threads_per_worker: Annotated[int, Rule(ge=1)] = 1
 
 
-class BackendConfig(_Strict):
+@dataclass(frozen=True)
+class BackendConfig:
+    __pydantic_config__ = _FORBID_UNKNOWN_KEYS
     dask: DaskConfig
 
 
-class StageConfig(_Strict):
-    fn: str = Field(pattern=FN_PATTERN)
-    backend: Literal["local", "dask"] | None = Field(
-        None, description="where this stage runs; default: the pipeline's backend")
-    workers: int | Literal["auto"] = "auto"
-    queue_size: int = Field(32, ge=1, description="bound of this stage's input queue")
-    io_slots: int | None = Field(None, ge=1, description="workers in file IO at once")
-    retries: int = Field(2, ge=0)
-    timeout_s: float | None = Field(None, gt=0)
-
-    @field_validator("workers")
-    @classmethod
-    def _workers_positive(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"must be >= 1 or 'auto' (got {v})")
-        return v
+@dataclass(frozen=True)
+class StageConfig:
+    __pydantic_config__ = _FORBID_UNKNOWN_KEYS
+    fn: FnName
+    backend: Literal["local", "dask"] | None = None  # default: the pipeline's backend
+    workers: Annotated[int | Literal["auto"], Check(_workers_positive)] = "auto"
+    queue_size: Annotated[int, Rule(ge=1)] = 32  # bound of this stage's input queue
+    io_slots: Annotated[int | None, Rule(ge=1)] = None  # workers in file IO at once
+    retries: Annotated[int, Rule(ge=0)] = 2
+    timeout_s: Annotated[float | None, Rule(gt=0)] = None
 
 
-class ConsumerConfig(_Strict):
-    fn: str = Field(pattern=FN_PATTERN)
+@dataclass(frozen=True)
+class ConsumerConfig:
+    __pydantic_config__ = _FORBID_UNKNOWN_KEYS
+    fn: FnName
 
 
-class WriterConfig(_Strict):
+@dataclass(frozen=True)
+class WriterConfig:
+    __pydantic_config__ = _FORBID_UNKNOWN_KEYS
     path: str = "results.h5"
-    workers: int = Field(1, ge=1, le=8, description="writer processes; they take turns on "
-                         "the results file under the results lock")
-    queue_size: int = Field(64, ge=1, description="finished items in flight to the writer")
-    lock_timeout_s: float = Field(60.0, gt=0)
+    # Writer processes; they take turns on the results file under the results lock.
+    workers: Annotated[int, Rule(ge=1, le=8)] = 1
+    queue_size: Annotated[int, Rule(ge=1)] = 64  # finished items in flight to the writer
+    lock_timeout_s: Annotated[float, Rule(gt=0)] = 60.0
 
 
-class PipelineConfig(_Strict):
-    pipeline: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    workdir: str = "."
-    params: dict[str, Any] = Field(default_factory=dict)
-    prepare: PrepareConfig | None = None
+@dataclass(frozen=True)
+class PipelineConfig:
+    __pydantic_config__ = _FORBID_UNKNOWN_KEYS
+    pipeline: Annotated[str, Rule(pattern=r"^[A-Za-z0-9_.-]+$")]
     source: SourceConfig
-    stages: dict[str, StageConfig] = Field(min_length=1)
+    stages: Annotated[dict[str, StageConfig], Rule(min_length=1), Check(_stage_names)]
+    workdir: str = "."
+    params: dict[str, Any] = field(default_factory=dict)
+    prepare: PrepareConfig | None = None
     consumer: ConsumerConfig | None = None
-    writer: WriterConfig = Field(default_factory=WriterConfig)
-    cpu_slots: int | None = Field(None, ge=1,
-                                  description="workers computing at once (until the last wave)")
+    writer: WriterConfig = field(default_factory=WriterConfig)
+    # Workers computing at once (until the last wave); default: the cores.
+    cpu_slots: Annotated[int | None, Rule(ge=1)] = None
     fsync: bool = True
-    shutdown_grace_s: float = Field(30.0, ge=0)
-    allowed_modules: list[str] = Field(default_factory=lambda: ["mpipe.workloads"])
+    shutdown_grace_s: Annotated[float, Rule(ge=0)] = 30.0
+    allowed_modules: list[str] = field(default_factory=lambda: ["mpipe.workloads"])
     allow_outside_workdir: bool = False
-    output_dirs: list[str] = Field(default_factory=list)
+    output_dirs: list[str] = field(default_factory=list)
     backend: Literal["local"] | BackendConfig = "local"
 
-    @model_validator(mode="after")
-    def _dask_stages_need_a_cluster(self) -> PipelineConfig:
+    def __post_init__(self) -> None:
+        # Rules across keys.  pydantic reports a ValueError raised here as a
+        # validation error of the whole file.
         for name, stage in self.stages.items():
             if stage.backend == "dask" and not isinstance(self.backend, BackendConfig):
                 raise ValueError(
@@ -124,15 +181,6 @@ class PipelineConfig(_Strict):
             d = self.backend.dask
             if (d.address is None) == (d.local_workers is None):
                 raise ValueError("backend.dask needs exactly one of address or local_workers")
-        return self
-
-    @field_validator("stages")
-    @classmethod
-    def _stage_names(cls, v: dict[str, StageConfig]) -> dict[str, StageConfig]:
-        for name in v:
-            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-                raise ValueError(f"stage name {name!r} must be letters, digits, '_' or '-'")
-        return v
 
 
 @dataclass(frozen=True)
@@ -146,7 +194,7 @@ class LoadedConfig:
 
     def where(self, key: str) -> str:
         """", pipeline.yaml line 12" for a dotted key (or its nearest parent)."""
-        return _where(self.path, self.lines, key)
+        return locate(self.path, self.lines, key)
 
     @property
     def base_dir(self) -> Path:
@@ -180,9 +228,12 @@ def cpu_count() -> int:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> LoadedConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), *,
+                remembered: bool = False) -> LoadedConfig:
     """Read, interpolate, override and validate a pipeline file.
 
+    With ``remembered``, an input that validated before, with this mpipe and
+    this pydantic, is taken without validating it again (:mod:`mpipe.validated`).
     Raises :class:`ConfigError` naming the file, key and line on any problem.
     """
     path = Path(path)
@@ -198,10 +249,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> LoadedConfig
     for item in overrides:
         key = _apply_override(raw, item)
         lines[key] = FROM_COMMAND_LINE
-    try:
-        config = PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_describe_validation(exc, path, lines)) from None
+    if remembered:
+        from mpipe import validated
+
+        config = validated.validate_once(raw, path, lines)
+    else:
+        from mpipe import validation
+
+        config = validation.validate(raw, path, lines)
     return LoadedConfig(config=config, path=path.resolve(), raw=raw, lines=lines)
 
 
@@ -265,7 +320,7 @@ def _interpolate_env(value: Any, path: Path, lines: Mapping[str, int], key: str 
         if default is not None:
             return default
         raise ConfigError(
-            f"{key}: environment variable ${{{name}}} is not set{_where(path, lines, key)}",
+            f"{key}: environment variable ${{{name}}} is not set{locate(path, lines, key)}",
             hint=f"export {name}=... or write ${{{name}:-default}}",
         )
 
@@ -298,7 +353,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     return ".".join(parts)
 
 
-def _where(path: Path, lines: Mapping[str, int], key: str) -> str:
+def locate(path: Path, lines: Mapping[str, int], key: str) -> str:
     # Walk up the dotted key: an unknown key deep inside a mapping still points
     # at the nearest line the user wrote.
     parts = key.split(".")
@@ -310,26 +365,3 @@ def _where(path: Path, lines: Mapping[str, int], key: str) -> str:
             return f", {path.name} line {line}"
         parts.pop()
     return f", {path.name}" if not key else f", {path.name} (set on the command line)"
-
-
-def _describe_validation(exc: ValidationError, path: Path, lines: Mapping[str, int]) -> str:
-    messages = []
-    for error in exc.errors():
-        loc = [str(p) for p in error["loc"] if not str(p).startswith(("function-", "literal["))]
-        # pydantic reports a union's failure once per member ("int", "literal['auto']").
-        loc = [p for p in loc if p not in {"int", "str", "float", "bool"}]
-        key = ".".join(loc)
-        kind = error["type"]
-        got = error.get("input")
-        if kind == "extra_forbidden":
-            text = "unknown key (check its spelling against the README's YAML reference)"
-        elif kind == "missing":
-            text = "required key is missing"
-        elif not key or isinstance(got, dict):
-            text = error["msg"].removeprefix("Value error, ")
-        else:
-            text = f"{error['msg'].removeprefix('Value error, ')} (got {got!r})"
-        line = f"{key}: {text}{_where(path, lines, key)}" if key else f"{text}, {path.name}"
-        if line not in messages:
-            messages.append(line)
-    return f"invalid config {path}:\n  " + "\n  ".join(messages)

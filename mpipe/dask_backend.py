@@ -71,8 +71,8 @@ from mpipe.worker import WorkerSpec, _run_one
 
 if TYPE_CHECKING:
     # Not at run time: Dask workers import this module for run_item(), and
-    # mpipe.config (pydantic, via mpipe.pool) would add ~0.1 s to each
-    # worker's start for nothing.
+    # mpipe.config (yaml and the config types, via mpipe.pool) would add to
+    # each worker's start for nothing.
     from mpipe.config import DaskConfig, StageConfig
 
 try:

@@ -10,6 +10,7 @@ Layout under the workdir::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -112,10 +113,15 @@ def _platform() -> str:
     return "-".join(parts + ([libc.replace(" ", "")] if libc else []))
 
 
+def _as_json(value: Any) -> Any:
+    # What YAML can hold and JSON cannot (a date in params) becomes its str().
+    return json.loads(json.dumps(value, default=str))
+
+
 def run_metadata(loaded: LoadedConfig, result: RunResult) -> dict[str, Any]:
     return {
         "pipeline": loaded.config.pipeline,
-        "config": loaded.config.model_dump(mode="json"),
+        "config": _as_json(dataclasses.asdict(loaded.config)),
         "config_path": str(loaded.path),
         "versions": versions(),
         "counts": {

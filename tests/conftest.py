@@ -36,6 +36,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Validated configs are remembered per session (mpipe.validated), never in
+    # the user's own cache.
+    os.environ["MPIPE_CACHE_DIR"] = str(CACHE / "mpipe-cache")
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
