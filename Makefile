@@ -8,10 +8,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
-# (Re)install when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# (Re)install when pyproject.toml or this file changes.  editable_mode=compat:
+# the source tree as a plain path in a .pth file.  The default editable
+# install is an import hook that every Python process of the venv imports as
+# it starts (pathlib and more), and `mpipe run` starts three: the runner,
+# multiprocessing's resource tracker and the forkserver.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' \
+		--config-settings editable_mode=compat
 	touch $@
 
 run: $(STAMP)
