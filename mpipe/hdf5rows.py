@@ -107,10 +107,14 @@ def seal(f: h5py.File, items: int, total: Any, metadata: dict[str, Any]) -> None
     if total is not None:
         f.create_dataset("total", data=np.asarray(total))
     metadata = dict(metadata)
-    metadata["versions"] = {**metadata.get("versions", {}), "numpy": np.__version__,
-                            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
+    metadata["versions"] = {**metadata.get("versions", {}), **library_versions()}
     for key, value in metadata.items():
         f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+def library_versions() -> dict[str, str]:
+    return {"numpy": np.__version__, "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version}
 
 
 def _as_row(value: Any) -> np.ndarray[Any, Any]:

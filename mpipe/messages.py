@@ -184,6 +184,17 @@ class ConsumerDone(NamedTuple):
     value: bytes
 
 
+class Sealed(NamedTuple):
+    """Sealer -> runner: the results file is in place.
+
+    With the versions of the libraries that wrote it (numpy, h5py, HDF5), as
+    loaded there: the runner does not load them, and for the report, asking
+    the installed packages would cost it ``importlib.metadata`` (some 20 ms).
+    """
+
+    versions: dict[str, str]
+
+
 class ProcessFailed(NamedTuple):
     process: str
     message: str

@@ -23,7 +23,7 @@ from mpipe import analysis
 from mpipe.config import LoadedConfig, cpu_count
 from mpipe.errors import ConfigError
 from mpipe.runner import RunResult
-from mpipe.state import versions
+from mpipe.state import installed_version, versions
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -73,7 +73,8 @@ def build(loaded: LoadedConfig, result: RunResult, exit_code: int, started_at: f
         "cpu_slots": loaded.cpu_slot_count(),
         "stages": stages,
         "results_path": result.results_path,
-        "versions": versions(),
+        "versions": {**versions(),
+                     **(result.versions or {"numpy": installed_version("numpy")})},
     }
     loop_started_at = getattr(result, "loop_started_at", None)
     if loop_started_at:

@@ -94,6 +94,7 @@ from mpipe.messages import (
     ItemDone,
     ItemFailure,
     ProcessFailed,
+    Sealed,
     SinkBatch,
     SinkItem,
     SkippedItem,
@@ -139,6 +140,8 @@ class RunResult:
     startup_s: float = 0.0
     error: MpipeError | None = None
     results_path: str | None = None
+    # numpy's, h5py's and HDF5's, from the sealer (messages.Sealed)
+    versions: dict[str, str] = field(default_factory=dict)
     loop_started_at: float = 0.0  # wall clock when the loop began, after start-up
 
 
@@ -811,12 +814,13 @@ class Runner:
             error: MpipeError = (OutputError(reply.message) if reply.exit_code == 74
                                  else PipelineBrokenError(reply.message))
             result.status, result.error = "broken", error
-        elif reply is not None or self._seal_exitcode != 0:
+        elif not isinstance(reply, Sealed) or self._seal_exitcode != 0:
             result.status = "broken"
             how = procs.describe_exit(self._seal_exitcode)
             result.error = PipelineBrokenError(f"sealing the results file failed: it {how}")
         else:
             result.results_path = str(self.paths.results)
+            result.versions = reply.versions
 
     def _teardown(self, grace_s: float) -> None:
         """Stop every child, in order, with deadlines; release the lock."""

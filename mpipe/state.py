@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import os
 import sys
@@ -84,21 +83,27 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _installed_version(package: str) -> str:
+def versions() -> dict[str, str]:
+    """mpipe's, Python's and the platform's.
+
+    The libraries' (numpy, h5py, HDF5) come from the sealer, which loads them
+    (:class:`mpipe.messages.Sealed`); the runner never imports numpy.
+    """
+    return {
+        "mpipe": __version__,
+        "python": sys.version.split()[0],
+        "platform": _platform(),
+    }
+
+
+def installed_version(package: str) -> str:
+    """For a run that never sealed its results: what the environment holds."""
+    import importlib.metadata  # 20 ms: only on this path
+
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def versions() -> dict[str, str]:
-    return {
-        "mpipe": __version__,
-        "python": sys.version.split()[0],
-        # Not numpy.__version__: mpipe's runner code never imports numpy.
-        "numpy": _installed_version("numpy"),
-        "platform": _platform(),
-    }
 
 
 def _platform() -> str:

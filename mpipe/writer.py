@@ -47,6 +47,7 @@ from mpipe.messages import (
     Committed,
     EndOfStream,
     ProcessFailed,
+    Sealed,
     SinkBatch,
     SinkItem,
     loads,
@@ -215,7 +216,7 @@ def seal_main(conn: Connection, lifeline: Connection, log_level: int) -> None:
         os.replace(tmp, final)
         if spec.fsync:
             fsync_path(final.parent, directory=True)
-        conn.send(None)
+        conn.send(Sealed(hdf5rows.library_versions()))
     except OSError as exc:
         conn.send(ProcessFailed("writer", str(output_error(exc, final, "write")),
                                 traceback.format_exc(), exit_code=74))

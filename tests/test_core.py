@@ -25,6 +25,9 @@ def test_results_equal_serial_reference(tmp_path: Path, workers: int) -> None:
     report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
     assert report["counts"] == {"produced": 5, "committed": 5, "skipped": 0, "failed": 0,
                                 "not_started": 0}
+    # The libraries' versions as the sealer loaded them: the runner never imports numpy.
+    assert report["versions"]["numpy"] == np.__version__
+    assert report["versions"]["h5py"] == h5py.__version__
     with h5py.File(tmp_path / "results.h5") as f:
         assert json.loads(f.attrs["config"])["stages"]["compute"]["workers"] == workers
         assert json.loads(f.attrs["versions"])["numpy"] == np.__version__
@@ -130,6 +133,7 @@ def test_every_message_type_pickles() -> None:
         messages.Committed(("k",), 0, (failure,)),
         messages.ConsumerDone(b"v"),
         messages.ProcessFailed("writer", "m", "tb", 74),
+        messages.Sealed({"numpy": "2.4.6", "h5py": "3.16.0", "hdf5": "1.14.6"}),
         messages.Shutdown(),
     ]
     names = {type(m).__name__ for m in samples}
