@@ -15,7 +15,8 @@ its start-up the 0.1 s of importing numpy a second time.
 
 What a forkserver inherits is fixed when it starts: the environment (the log
 settings of :mod:`mpipe.logsetup` travel that way, so :func:`start` comes after
-:func:`mpipe.logsetup.configure`) and ``sys.path``.  The pipeline's own
+:func:`mpipe.logsetup.configure`, and so does the limit on native threads,
+:func:`limit_native_threads`) and ``sys.path``.  The pipeline's own
 modules are therefore not preloaded here; each child imports its function by
 name (:func:`mpipe.imports.import_checked`), with the pipeline's directory on
 its path.
@@ -24,6 +25,7 @@ its path.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
@@ -41,12 +43,31 @@ PRELOAD = ["mpipe.forkserver_init", "mpipe.worker", "mpipe.producer", "mpipe.con
            "mpipe.writer", "numpy"]
 
 
+# The thread pools of native libraries (OpenBLAS, MKL, OpenMP, Accelerate,
+# numexpr) that numpy and user stages load.  Each defaults to one thread per
+# core in every process: W workers on N cores would run W x N threads of a
+# BLAS-heavy stage (and OpenBLAS's idle threads spin: `import numpy` alone
+# takes 0.23 s of CPU here instead of 0.12).  mpipe's parallelism is its
+# processes, bounded by cpu_slots, so each process gets one thread, as Dask's
+# and Ray's workers do, unless the user has set any of these variables.
+NATIVE_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                      "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def limit_native_threads() -> None:
+    """One native thread per process, unless the environment sets any of the variables."""
+    if not any(var in os.environ for var in NATIVE_THREAD_VARS):
+        for var in NATIVE_THREAD_VARS:
+            os.environ[var] = "1"
+
+
 def context() -> ForkServerContext:
     return multiprocessing.get_context("forkserver")
 
 
 def start() -> ForkServerContext:
     """Start the forkserver now (a no-op if it runs); return its context."""
+    limit_native_threads()  # before the forkserver, and its numpy, start
     ctx = context()
     ctx.set_forkserver_preload(PRELOAD)
     from multiprocessing import forkserver

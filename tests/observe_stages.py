@@ -6,6 +6,7 @@ The tests expect the summary and the report to name ``slow`` as the bottleneck.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,3 +27,10 @@ def slow(x: int, ctx: Any) -> int:
 
 def tail(x: int) -> float:
     return float(x)
+
+
+def native_threads(x: int) -> list[float]:
+    """The native thread limits this worker runs with (0: not set)."""
+    from mpipe.forkserver import NATIVE_THREAD_VARS
+
+    return [float(os.environ.get(var, 0)) for var in NATIVE_THREAD_VARS]

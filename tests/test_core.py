@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import numpy as np
 import pytest
 
 from mpipe import messages
-from tests.conftest import check_against_reference, make_inputs, mpipe, notes_config
+from mpipe.forkserver import NATIVE_THREAD_VARS
+from tests.conftest import REPO, check_against_reference, make_inputs, mpipe, notes_config
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4, 5, 10])
@@ -186,3 +190,36 @@ def test_the_source_runs_ahead_of_the_stages_only_by_the_queue_bounds(tmp_path: 
     ahead = [sum(1 for t in yields if t <= began) - (i + 1) for i, began in enumerate(starts)]
     assert max(ahead) <= 13, ahead
     assert max(ahead) >= 6, ahead  # the buffers did fill: the bound was what held it
+
+
+@pytest.mark.parametrize(("user_env", "expected"), [
+    ({}, [1.0] * 5),
+    ({"OMP_NUM_THREADS": "3"}, [3.0, 0.0, 0.0, 0.0, 0.0]),
+], ids=["default", "user-set"])
+def test_workers_run_native_libraries_on_one_thread_unless_told(
+    tmp_path: Path, user_env: dict[str, str], expected: list[float]
+) -> None:
+    # W workers each running OpenBLAS/MKL/OpenMP with one thread per core
+    # would oversubscribe the cores W times over; the user who sets any of the
+    # variables takes over all of them.
+    cfg = tmp_path / "threads.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        pipeline: threads
+        workdir: .
+        params: {n: 2}
+        source: {fn: tests.observe_stages:numbers}
+        stages:
+          probe: {fn: tests.observe_stages:native_threads, workers: 2}
+        writer: {path: results.h5}
+        allowed_modules: [tests.observe_stages]
+        """))
+    env = {k: v for k, v in os.environ.items() if k not in NATIVE_THREAD_VARS}
+    env.update(user_env, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "mpipe", "run", str(cfg), "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(tmp_path / "results.h5") as f:
+        rows = f["results"][:]
+    assert rows.shape == (2, 5)
+    for row in rows:
+        assert row.tolist() == expected
