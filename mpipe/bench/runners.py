@@ -70,6 +70,8 @@ def subprocess_env(bench: BenchDir, *, bytecode_cache: bool) -> dict[str, str]:
     ``PYTHONDONTWRITEBYTECODE=1``, so each process compiles mpipe afresh).
     """
     env = dict(os.environ)
+    # Validated configs are remembered here, not in the user's cache.
+    env["MPIPE_CACHE_DIR"] = str(bench.root / "mpipe-cache")
     if bytecode_cache:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(bench.root / "pycache")

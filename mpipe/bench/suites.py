@@ -18,7 +18,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -170,8 +170,13 @@ def overhead(e: Env, plan: Plan, progress: Progress, *, env_no_cache: Env) -> di
     empty = Job(0, 0, 2, fsync=True)
     others = [("python + numpy", runners.peer_runner(e, "serial", empty))]
     if plan.extras:
+        # The same run validating its config, as the first run of an input
+        # does (mpipe.validated); the subject runs a remembered input.
+        validating = replace(e, env={**e.env, "MPIPE_NO_CONFIG_CACHE": "1"})
         others += [("mpipe (no bytecode cache)", runners.mpipe_runner(env_no_cache, empty,
                                                                       label="mpipe-nocache")),
+                   ("mpipe (config validated)", runners.mpipe_runner(validating, empty,
+                                                                     label="mpipe-validating")),
                    ("pool", runners.peer_runner(e, "pool", empty)),
                    ("python", runners.command_runner(e, [e.python, "-c", "pass"], "python"))]
     start = _run(e, ("mpipe", runners.mpipe_runner(e, empty, label="mpipe-empty")), others,
