@@ -11,8 +11,10 @@ Layout under the workdir::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -119,8 +121,26 @@ def _platform() -> str:
 
 
 def _as_json(value: Any) -> Any:
-    # What YAML can hold and JSON cannot (a date in params) becomes its str().
-    return json.loads(json.dumps(value, default=str))
+    """What YAML can hold, as strict JSON can: as pydantic's JSON mode wrote it.
+
+    Dates and times in ISO 8601, sets as lists, bytes as text, NaN and the
+    infinities as null (JSON has none; jq and the like reject them).
+    """
+    if isinstance(value, dict):
+        return {str(k): _as_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return [_as_json(v) for v in sorted(value, key=repr)]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return str(value)
 
 
 def run_metadata(loaded: LoadedConfig, result: RunResult) -> dict[str, Any]:

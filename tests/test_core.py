@@ -201,12 +201,14 @@ def test_workers_run_native_libraries_on_one_thread_unless_told(
 ) -> None:
     # W workers each running OpenBLAS/MKL/OpenMP with one thread per core
     # would oversubscribe the cores W times over; the user who sets any of the
-    # variables takes over all of them.
+    # variables takes over all of them.  `prepare` runs in the runner, alone,
+    # with the user's environment as it is.
     cfg = tmp_path / "threads.yaml"
     cfg.write_text(textwrap.dedent("""\
         pipeline: threads
         workdir: .
         params: {n: 2}
+        prepare: {fn: tests.observe_stages:record_native_threads}
         source: {fn: tests.observe_stages:numbers}
         stages:
           probe: {fn: tests.observe_stages:native_threads, workers: 2}
@@ -223,3 +225,21 @@ def test_workers_run_native_libraries_on_one_thread_unless_told(
     assert rows.shape == (2, 5)
     for row in rows:
         assert row.tolist() == expected
+    assert json.loads((tmp_path / "prepare-env.json").read_text()) == user_env
+
+
+def test_the_config_in_the_metadata_is_strict_json() -> None:
+    # YAML holds what JSON cannot; the results file's metadata must still
+    # parse with a strict reader (jq, json.loads without NaN).
+    import datetime
+    import math
+
+    from mpipe.state import _as_json
+
+    params = {"day": datetime.date(2026, 11, 28), "at": datetime.datetime(2026, 11, 28, 6, 0),
+              "tags": {"b", "a"}, "blob": b"\x00ab", "nan": math.nan, "inf": -math.inf,
+              "nested": [{"x": 1.5, 2: None}]}
+    text = json.dumps(_as_json(params), allow_nan=False)
+    assert json.loads(text) == {"day": "2026-11-28", "at": "2026-11-28T06:00:00",
+                                "tags": ["a", "b"], "blob": "\x00ab", "nan": None, "inf": None,
+                                "nested": [{"x": 1.5, "2": None}]}
