@@ -21,7 +21,7 @@ from mpipe.errors import MpipeError, RunLockedError
 
 if TYPE_CHECKING:
     # Imported where used: `mpipe run` starts the forkserver before paying for
-    # pydantic, yaml and rich (see mpipe.forkserver).
+    # yaml, the config and rich (see mpipe.forkserver).
     from rich.console import Console
 
     from mpipe.config import LoadedConfig

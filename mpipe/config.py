@@ -1,7 +1,8 @@
 """Reading, overriding and validating ``pipeline.yaml``.
 
 Validation happens here, at the boundary, before any process starts: nothing
-unvalidated reaches the runner.  Errors name the file, the dotted key and the
+reaches the runner that pydantic has not accepted (now, or for the same input
+before: :mod:`mpipe.validated`).  Errors name the file, the dotted key and the
 YAML line ("stages.compute.workers: must be >= 1 (got 0), pipeline.yaml line 12").
 
 The file is read with ``yaml.SafeLoader`` only: the default and Full loaders have

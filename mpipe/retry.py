@@ -3,7 +3,7 @@
 Used by :class:`mpipe.pool.StagePool` and :class:`mpipe.dask_backend.DaskStagePool`,
 so that retries, failures and output errors mean the same thing wherever a
 stage runs.  It imports nothing heavier than the messages: Dask workers import
-the Dask backend, and must not pay for pydantic.
+the Dask backend, and must not pay for the config (yaml and its types).
 """
 
 from __future__ import annotations

@@ -15,14 +15,18 @@ by a hash of the input, mpipe's version, the source of the modules that hold
 the rules, and the installed pydantic.  The next run with the same input
 assembles it without importing pydantic.  An input that pydantic had to
 convert (``workers: "2"``, ``fsync: 1``) is never remembered, so it is
-validated every time, and a changed file, variable, ``--set``, mpipe or
-pydantic is a new input.
+validated every time; a changed file, variable or ``--set`` is a new input,
+and so is any change to mpipe's rules, Python, or the installed versions of
+pydantic and the packages it validates with.
 
 Where: ``$MPIPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/mpipe``, else
-``~/.cache/mpipe``; under ``validated/``.  Deleting it is always safe.
-``MPIPE_NO_CONFIG_CACHE=1`` turns remembering off.  A cache that cannot be read
-or written is not an error: the run validates.  ``mpipe validate`` never
-consults it.
+``~/.cache/mpipe``; under ``validated/`` (mode 0700; a marker that another
+user owns is ignored).  A marker is refreshed when used, and markers unused
+for 30 days are deleted when a new one is written (a config with
+``${RUN_DATE}`` is a new input every day).  Deleting the directory is always
+safe.  ``MPIPE_NO_CONFIG_CACHE=1`` turns remembering off.  A cache that cannot
+be read or written is not an error, and neither is a marker whose input no
+longer assembles: the run validates.  ``mpipe validate`` never consults it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import importlib.util
 import logging
 import math
 import os
+import sys
+import time
 import types
 import typing
 from collections.abc import Mapping
@@ -46,24 +52,36 @@ from mpipe.config import PipelineConfig
 logger = logging.getLogger("mpipe")
 
 _FORMAT = "1"
-# The modules whose code decides what is valid and what is assembled.
+# The modules whose code decides what is valid and what is assembled, and the
+# distributions pydantic validates with.
 _RULES = ("config.py", "validation.py", "validated.py")
+_VALIDATING_DISTRIBUTIONS = ("pydantic", "pydantic_core", "annotated_types",
+                             "typing_extensions", "typing_inspection")
+UNUSED_FOR_S = 30 * 86400
 
 
 def validate_once(raw: dict[str, Any], path: Path, lines: Mapping[str, int]) -> PipelineConfig:
-    marker = _marker(raw)
-    if marker is not None and marker.exists():
-        config: PipelineConfig = assemble(PipelineConfig, raw)
-        return config
+    try:
+        marker = _marker(raw)
+        remembered = marker is not None and _is_ours(marker)
+    except OSError as exc:  # unreadable cache directory, a name too long...
+        logger.debug("not using remembered configs: %s", exc)
+        marker, remembered = None, False
+    if marker is not None and remembered:
+        try:
+            config: PipelineConfig = assemble(PipelineConfig, raw)
+        except (TypeError, ValueError, KeyError) as exc:
+            # Only a marker that lies (planted, or from rules this file does
+            # not know) gets here: validate, and say what is wrong.
+            logger.debug("a remembered config no longer assembles (%s): validating", exc)
+        else:
+            _refresh(marker)
+            return config
     from mpipe import validation
 
     config = validation.validate(raw, path, lines)
     if marker is not None and _assembles_to(raw, config):
-        try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-        except OSError as exc:
-            logger.debug("not remembering the validated config: %s", exc)
+        _remember(marker)
     return config
 
 
@@ -119,8 +137,42 @@ def _field_types(kind: type) -> dict[str, Any]:
     return typing.get_type_hints(kind)  # Annotated[...] stripped to the type
 
 
+def _is_ours(marker: Path) -> bool:
+    try:
+        return marker.stat().st_uid == os.getuid()
+    except FileNotFoundError:
+        return False
+
+
+def _refresh(marker: Path) -> None:
+    try:
+        os.utime(marker)
+    except OSError:
+        pass  # a read-only cache still serves
+
+
+def _remember(marker: Path) -> None:
+    try:
+        marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        marker.touch()
+        _forget_unused(marker.parent)
+    except OSError as exc:
+        logger.debug("not remembering the validated config: %s", exc)
+
+
+def _forget_unused(directory: Path) -> None:
+    cutoff = time.time() - UNUSED_FOR_S
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except OSError:
+                pass  # another run got there first, or not ours to delete
+
+
 def _marker(raw: dict[str, Any]) -> Path | None:
-    if os.environ.get("MPIPE_NO_CONFIG_CACHE"):
+    if os.environ.get("MPIPE_NO_CONFIG_CACHE") or _RULES_IDENTITY is None:
         return None
     root = os.environ.get("MPIPE_CACHE_DIR")
     if not root:
@@ -131,24 +183,33 @@ def _marker(raw: dict[str, Any]) -> Path | None:
     digest = hashlib.sha256()
     # repr, not JSON: it keeps the order of keys (the stages' order is the
     # pipeline's) and tells 1 from 1.0, True and "1".
-    for part in (_FORMAT, __version__, _rules_identity(), repr(raw)):
+    for part in (_FORMAT, __version__, _RULES_IDENTITY, repr(raw)):
         digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return Path(root) / "validated" / digest.hexdigest()
 
 
-@functools.cache
 def _rules_identity() -> str:
-    digest = hashlib.sha256()
+    """This mpipe's rules, this Python, and the validating distributions' versions.
+
+    Computed as this module is imported, with the rules' source as it is then.
+    """
+    digest = hashlib.sha256(sys.version.encode())
     here = Path(__file__).parent
     for name in _RULES:
         digest.update((here / name).read_bytes())
-    for package in ("pydantic", "pydantic_core"):
-        spec = importlib.util.find_spec(package)
-        origin = spec.origin if spec is not None else None
-        if origin is None:
-            digest.update(b"missing")
-            continue
-        stat = os.stat(origin)
-        digest.update(f"{origin} {stat.st_size} {stat.st_mtime_ns}".encode())
+    spec = importlib.util.find_spec("pydantic")
+    site = Path(spec.origin).parent.parent if spec is not None and spec.origin else None
+    if site is not None:
+        # "pydantic-2.14.4.dist-info": the versions, without importlib.metadata.
+        with os.scandir(site) as entries:
+            names = sorted(e.name for e in entries if e.name.endswith(".dist-info")
+                           and e.name.split("-")[0].lower() in _VALIDATING_DISTRIBUTIONS)
+        digest.update("\n".join(names).encode())
     return digest.hexdigest()
+
+
+try:
+    _RULES_IDENTITY: str | None = _rules_identity()
+except OSError:  # installed without its source: nothing is remembered
+    _RULES_IDENTITY = None

@@ -6,7 +6,6 @@ imports it when a config is validated, never when the types are used.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,10 +18,9 @@ from mpipe.config import PipelineConfig
 from mpipe.errors import ConfigError
 
 # pydantic names a union's member in an error's location ("int",
-# "literal['auto']", "BackendConfig"); the user wrote none of them.
-_MEMBER_NAMES = {"int", "str", "float", "bool"} | {
-    name for name, value in vars(config).items()
-    if isinstance(value, type) and dataclasses.is_dataclass(value)}
+# "literal['auto']", "BackendConfig": the one config type in a union); the
+# user wrote none of them.
+_MEMBER_NAMES = {"int", "str", "float", "bool", config.BackendConfig.__name__}
 
 
 @functools.cache

@@ -7,13 +7,18 @@ in value and in type, field by field (``repr`` shows 1, 1.0 and True apart).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from mpipe import validated, validation
 from mpipe.config import load_config
 from mpipe.errors import ConfigError
 from tests.conftest import REPO, check_against_reference, make_inputs, mpipe, notes_config
@@ -72,20 +77,38 @@ def remembered(cache: Path) -> list[Path]:
     return sorted((cache / "validated").glob("*")) if (cache / "validated").exists() else []
 
 
+@pytest.fixture
+def validations(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every call of pydantic's validation from here on, recorded."""
+    calls: list[dict[str, Any]] = []
+    real = validation.validate
+
+    def counting(raw: dict[str, Any], *args: Any) -> Any:
+        calls.append(raw)
+        return real(raw, *args)
+
+    monkeypatch.setattr(validation, "validate", counting)
+    return calls
+
+
 @pytest.mark.parametrize("config", [*CONFIGS, "full"],
                          ids=[*(str(c.relative_to(REPO)) for c in CONFIGS), "full"])
 def test_a_remembered_config_is_what_pydantic_makes_of_it(
-    tmp_path: Path, cache: Path, config: Path | str
+    tmp_path: Path, cache: Path, config: Path | str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write(tmp_path, FULL) if config == "full" else config
     assert isinstance(path, Path)
-    validated = load_config(path)
-    first = load_config(path, remembered=True)
+    reference = load_config(path)
+    load_config(path, remembered=True)
     assert len(remembered(cache)) == 1
+
+    def no_validation(*args: Any) -> None:
+        raise AssertionError("a remembered input was validated again")
+
+    monkeypatch.setattr(validation, "validate", no_validation)
     again = load_config(path, remembered=True)
-    assert repr(first.config) == repr(validated.config)
-    assert repr(again.config) == repr(validated.config)
-    assert again.config == validated.config
+    assert repr(again.config) == repr(reference.config)
+    assert again.config == reference.config
 
 
 def test_a_remembered_input_is_taken_without_pydantic(tmp_path: Path, cache: Path) -> None:
@@ -151,6 +174,60 @@ def test_remembering_off_or_impossible_is_no_error(
     monkeypatch.delenv("MPIPE_NO_CONFIG_CACHE")
     cache.write_text("a file where the cache directory would go")
     assert load_config(path, remembered=True).config.stages["compute"].workers == 2
+
+
+def test_other_rules_a_planted_marker_or_a_stranger_s_marker_are_not_trusted(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
+    validations: list[dict[str, Any]]
+) -> None:
+    path = write(tmp_path, GOOD)
+    load_config(path, remembered=True)
+    load_config(path, remembered=True)
+    assert len(validations) == 1
+    # Another mpipe's rules, Python or pydantic: another input.
+    monkeypatch.setattr(validated, "_RULES_IDENTITY", "other rules")
+    load_config(path, remembered=True)
+    assert len(validations) == 2 and len(remembered(cache)) == 2
+    # A marker for an input pydantic rejects (planted, or from rules this file
+    # does not know): the run validates and says what is wrong.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("workers: 2", "wokers: 2"))
+    raw = yaml.safe_load(bad.read_text())  # what load_config reads (no ${VAR} in it)
+    planted = validated._marker(raw)
+    assert planted is not None
+    planted.touch()
+    with pytest.raises(ConfigError, match=r"stages\.compute\.wokers: unknown key"):
+        load_config(bad, remembered=True)
+    if os.geteuid() == 0:  # only root can give a file away
+        for marker in remembered(cache):
+            os.chown(marker, 4242, 4242)
+        load_config(path, remembered=True)
+        assert len(validations) == 4
+
+
+def test_an_unreadable_cache_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, validations: list[dict[str, Any]]
+) -> None:
+    # A name too long to look up: stat fails with ENAMETOOLONG, as it fails
+    # with EACCES in a directory this user may not enter.
+    monkeypatch.setenv("MPIPE_CACHE_DIR", str(tmp_path / ("x" * 300)))
+    monkeypatch.delenv("MPIPE_NO_CONFIG_CACHE", raising=False)
+    path = write(tmp_path, GOOD)
+    for _ in range(2):
+        assert load_config(path, remembered=True).config.stages["compute"].workers == 2
+    assert len(validations) == 2
+
+
+def test_markers_unused_for_30_days_are_forgotten(tmp_path: Path, cache: Path) -> None:
+    (cache / "validated").mkdir(parents=True)
+    old, recent = cache / "validated" / "old", cache / "validated" / "recent"
+    old.touch()
+    recent.touch()
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+    load_config(write(tmp_path, GOOD), remembered=True)
+    assert not old.exists() and recent.exists()
+    assert len(remembered(cache)) == 2
 
 
 def test_mpipe_run_twice_from_a_remembered_config(tmp_path: Path) -> None:

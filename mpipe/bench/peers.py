@@ -34,7 +34,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # The constants of mpipe.workloads.notes, copied rather than imported: importing
-# them would pull mpipe (and pydantic) into every peer's start-up.
+# them would pull mpipe into every peer's start-up.
 CHANNELS = 26
 SAMPLES = 325_120
 CUTOFF = 0.05
