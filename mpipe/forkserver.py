@@ -15,8 +15,8 @@ its start-up the 0.1 s of importing numpy a second time.
 
 What a forkserver inherits is fixed when it starts: the environment (the log
 settings of :mod:`mpipe.logsetup` travel that way, so :func:`start` comes after
-:func:`mpipe.logsetup.configure`, and so does the limit on native threads,
-:func:`limit_native_threads`) and ``sys.path``.  The pipeline's own
+:func:`mpipe.logsetup.configure`; the limit on native threads,
+:func:`native_threads_limited`, is set for its start only) and ``sys.path``.  The pipeline's own
 modules are therefore not preloaded here; each child imports its function by
 name (:func:`mpipe.imports.import_checked`), with the pipeline's directory on
 its path.
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
@@ -48,17 +49,25 @@ PRELOAD = ["mpipe.forkserver_init", "mpipe.worker", "mpipe.producer", "mpipe.con
 # core in every process: W workers on N cores would run W x N threads of a
 # BLAS-heavy stage (and OpenBLAS's idle threads spin: `import numpy` alone
 # takes 0.23 s of CPU here instead of 0.12).  mpipe's parallelism is its
-# processes, bounded by cpu_slots, so each process gets one thread, as Dask's
-# and Ray's workers do, unless the user has set any of these variables.
+# processes, bounded by cpu_slots, so each child gets one thread, as Dask's
+# and Ray's workers do, unless the user has set any of these variables.  The
+# runner itself keeps the user's environment: `prepare` runs in it, alone.
 NATIVE_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                       "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
-def limit_native_threads() -> None:
-    """One native thread per process, unless the environment sets any of the variables."""
-    if not any(var in os.environ for var in NATIVE_THREAD_VARS):
+@contextmanager
+def native_threads_limited() -> Iterator[None]:
+    """One native thread for what starts inside, unless the user set any of the variables."""
+    if any(var in os.environ for var in NATIVE_THREAD_VARS):
+        yield
+        return
+    os.environ.update(dict.fromkeys(NATIVE_THREAD_VARS, "1"))
+    try:
+        yield
+    finally:
         for var in NATIVE_THREAD_VARS:
-            os.environ[var] = "1"
+            os.environ.pop(var, None)
 
 
 def context() -> ForkServerContext:
@@ -67,12 +76,13 @@ def context() -> ForkServerContext:
 
 def start() -> ForkServerContext:
     """Start the forkserver now (a no-op if it runs); return its context."""
-    limit_native_threads()  # before the forkserver, and its numpy, start
     ctx = context()
     ctx.set_forkserver_preload(PRELOAD)
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    # Every child is forked from the forkserver and inherits its environment.
+    with native_threads_limited():
+        forkserver.ensure_running()
     return ctx
 
 

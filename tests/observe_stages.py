@@ -34,3 +34,13 @@ def native_threads(x: int) -> list[float]:
     from mpipe.forkserver import NATIVE_THREAD_VARS
 
     return [float(os.environ.get(var, 0)) for var in NATIVE_THREAD_VARS]
+
+
+def record_native_threads(ctx: Any) -> None:
+    """A prepare: write down the native thread limits the runner runs it with."""
+    import json
+
+    from mpipe.forkserver import NATIVE_THREAD_VARS
+
+    seen = {var: os.environ[var] for var in NATIVE_THREAD_VARS if var in os.environ}
+    ctx.path("prepare-env.json").write_text(json.dumps(seen))
