@@ -70,7 +70,7 @@ def validate_once(raw: dict[str, Any], path: Path, lines: Mapping[str, int]) -> 
     if marker is not None and remembered:
         try:
             config: PipelineConfig = assemble(PipelineConfig, raw)
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
             # Only a marker that lies (planted, or from rules this file does
             # not know) gets here: validate, and say what is wrong.
             logger.debug("a remembered config no longer assembles (%s): validating", exc)
@@ -128,7 +128,7 @@ def identical(a: Any, b: Any) -> bool:
 def _assembles_to(raw: dict[str, Any], config: PipelineConfig) -> bool:
     try:
         return identical(assemble(PipelineConfig, raw), config)
-    except (TypeError, ValueError):  # a shape only pydantic's conversions accept
+    except (TypeError, ValueError, KeyError, AttributeError):  # only pydantic's conversions fit
         return False
 
 

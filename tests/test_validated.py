@@ -198,11 +198,18 @@ def test_other_rules_a_planted_marker_or_a_stranger_s_marker_are_not_trusted(
     planted.touch()
     with pytest.raises(ConfigError, match=r"stages\.compute\.wokers: unknown key"):
         load_config(bad, remembered=True)
+    bad.write_text(GOOD.replace("stages:\n  compute:\n", "stages:\n- compute:\n"))
+    planted = validated._marker(yaml.safe_load(bad.read_text()))
+    assert planted is not None
+    planted.touch()
+    with pytest.raises(ConfigError, match=r"stages: .*dictionary"):
+        load_config(bad, remembered=True)
     if os.geteuid() == 0:  # only root can give a file away
         for marker in remembered(cache):
             os.chown(marker, 4242, 4242)
+        before = len(validations)
         load_config(path, remembered=True)
-        assert len(validations) == 4
+        assert len(validations) == before + 1
 
 
 def test_an_unreadable_cache_is_no_error(
