@@ -1,8 +1,9 @@
 """``mpipe run`` validates each distinct config input once.
 
 A pipeline run from cron or a timer reads the same ``pipeline.yaml`` every
-time, and importing pydantic and building the config's validator is
-0.1-0.15 s of each run's start (docs/BENCHMARKS.md, "Start-up").  Validation
+time, and importing pydantic and building the config's validator took about
+0.13 s of each run's start (loading pipeline.yaml: 0.19-0.20 s validating,
+0.065-0.066 s remembered; docs/BENCHMARKS.md, "What changed since run 7").  Validation
 is a function of the input alone: the raw mapping after ``${VAR}`` expansion
 and ``--set``, under the rules of this mpipe and this pydantic.  So its answer
 can be remembered, as black remembers which files it has formatted.
