@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "run":
         from mpipe import forkserver
 
-        forkserver.start()
+        forkserver.start(fork=True)
     try:
         code = COMMANDS[args.command](args)
     except MpipeError as exc:

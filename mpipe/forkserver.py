@@ -1,11 +1,12 @@
 """Start the forkserver that every mpipe child is forked from, as early as possible.
 
-The forkserver is a fresh interpreter that imports numpy and mpipe's worker
-code once; each child is then a cheap ``fork`` of it (no inherited locks,
-threads or open HDF5 handles, unlike ``fork`` from the runner).  Its start-up
-(about 0.15 s, mostly numpy) used to follow the runner's own imports (pydantic,
-yaml, rich); ``mpipe run`` now calls :func:`start` before those, so the two
-overlap.
+The forkserver imports numpy and mpipe's worker code once; each child is then
+a cheap ``fork`` of it (no inherited locks, threads or open HDF5 handles,
+unlike ``fork`` from the runner).  ``mpipe run`` calls :func:`start` before
+its own imports (yaml, the config, rich) so that the two overlap, and forks
+the forkserver and multiprocessing's resource tracker from itself
+(:mod:`mpipe.forkstart`) rather than starting each as a fresh interpreter;
+elsewhere (mpipe as a library, ``mpipe tune``) they start the usual way.
 
 The runner never imports the pipeline's own modules: :func:`check_names`
 imports them in a child of the forkserver, whose numpy is already loaded, and
@@ -16,7 +17,7 @@ its start-up the 0.1 s of importing numpy a second time.
 What a forkserver inherits is fixed when it starts: the environment (the log
 settings of :mod:`mpipe.logsetup` travel that way, so :func:`start` comes after
 :func:`mpipe.logsetup.configure`; the limit on native threads,
-:func:`native_threads_limited`, is set for its start only) and ``sys.path``.  The pipeline's own
+:func:`native_thread_limits`, is set in the forkserver only) and ``sys.path``.  The pipeline's own
 modules are therefore not preloaded here; each child imports its function by
 name (:func:`mpipe.imports.import_checked`), with the pipeline's directory on
 its path.
@@ -56,17 +57,22 @@ NATIVE_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREAD
                       "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
+def native_thread_limits() -> dict[str, str]:
+    """The variables that give a child one native thread; none if the user set any."""
+    if any(var in os.environ for var in NATIVE_THREAD_VARS):
+        return {}
+    return dict.fromkeys(NATIVE_THREAD_VARS, "1")
+
+
 @contextmanager
 def native_threads_limited() -> Iterator[None]:
     """One native thread for what starts inside, unless the user set any of the variables."""
-    if any(var in os.environ for var in NATIVE_THREAD_VARS):
-        yield
-        return
-    os.environ.update(dict.fromkeys(NATIVE_THREAD_VARS, "1"))
+    limits = native_thread_limits()
+    os.environ.update(limits)
     try:
         yield
     finally:
-        for var in NATIVE_THREAD_VARS:
+        for var in limits:
             os.environ.pop(var, None)
 
 
@@ -74,10 +80,20 @@ def context() -> ForkServerContext:
     return multiprocessing.get_context("forkserver")
 
 
-def start() -> ForkServerContext:
-    """Start the forkserver now (a no-op if it runs); return its context."""
+def start(*, fork: bool = False) -> ForkServerContext:
+    """Start the forkserver now (a no-op if it runs); return its context.
+
+    With ``fork``, the forkserver and the resource tracker are forked from
+    this process (:mod:`mpipe.forkstart`) if it is fit to fork: ``mpipe run``
+    asks so before it has imported or run anything a fork should not copy.
+    """
     ctx = context()
     ctx.set_forkserver_preload(PRELOAD)
+    if fork:
+        from mpipe import forkstart
+
+        if forkstart.fork_helpers(PRELOAD, native_thread_limits()):
+            return ctx
     from multiprocessing import forkserver
 
     # Every child is forked from the forkserver and inherits its environment.

@@ -44,3 +44,41 @@ def record_native_threads(ctx: Any) -> None:
 
     seen = {var: os.environ[var] for var in NATIVE_THREAD_VARS if var in os.environ}
     ctx.path("prepare-env.json").write_text(json.dumps(seen))
+
+
+def helpers_view(x: int, ctx: Any) -> float:
+    """What a worker sees of the processes above it, written to ``helpers-X.json``.
+
+    Its parent is the forkserver; the forkserver's parent is the runner.
+    """
+    import json
+
+    def cmdline(pid: int) -> str:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+
+    def parent(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+
+    def open_files(pid: int) -> list[str]:
+        names = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                names.append(f"{fd} {os.readlink(f'/proc/{pid}/fd/{fd}')}")
+            except OSError:
+                pass
+        return names
+
+    server = os.getppid()
+    runner = parent(server)
+    with open(f"/proc/{runner}/task/{runner}/children") as f:
+        runner_children = [int(pid) for pid in f.read().split()]
+    view = {
+        "forkserver": server, "runner": runner,
+        "forkserver_cmdline": cmdline(server), "runner_cmdline": cmdline(runner),
+        "helpers": {str(pid): {"cmdline": cmdline(pid), "files": open_files(pid)}
+                    for pid in runner_children},
+    }
+    ctx.path(f"helpers-{x}.json").write_text(json.dumps(view))
+    return float(x)

@@ -32,12 +32,17 @@ WATCHED = ("yaml", "pydantic", "mpipe.config", "mpipe.runner", "mpipe.state",
 _SITECUSTOMIZE = '''\
 import os, sys, time
 _t0 = float(os.environ["MPIPE_TIMELINE_T0"])
-_out = os.open(os.environ["MPIPE_TIMELINE_FILE"], os.O_WRONLY | os.O_APPEND)
+_path = os.environ["MPIPE_TIMELINE_FILE"]
 _watched = set(os.environ["MPIPE_TIMELINE_WATCH"].split(","))
 _seen = set()
 
 def _mark(what):
-    os.write(_out, f"{time.time() - _t0:8.3f} {os.getpid():7d}  {what}\\n".encode())
+    # Opened each time: mpipe's forked helpers close what they inherit.
+    fd = os.open(_path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, f"{time.time() - _t0:8.3f} {os.getpid():7d}  {what}\\n".encode())
+    finally:
+        os.close(fd)
 
 def _hook(event, args):
     if event == "import" and args[0] in _watched and args[0] not in _seen:
@@ -86,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _roles(lines: list[str], runner: int) -> dict[str, str]:
-    """runner; forkserver (the process that forks); a helper (another fresh
-    interpreter: the resource tracker); a child (forked, no interpreter start)."""
+    """runner; forkserver (another process that forks); a helper (another fresh
+    interpreter: a resource tracker or forkserver started the usual way); a
+    child (forked, no interpreter start)."""
     started = {ln.split()[1] for ln in lines if "interpreter up" in ln}
     forking = {ln.split()[1] for ln in lines if ln.split(None, 2)[2] == "fork"}
     role: dict[str, str] = {}
