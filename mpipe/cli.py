@@ -209,20 +209,12 @@ def entry() -> None:
     try:
         main()
     except SystemExit as exc:
-        if _skip_teardown and (exc.code is None or isinstance(exc.code, int)) and not _hosted():
-            _exit_now(exc.code or 0)
+        if _skip_teardown and (exc.code is None or isinstance(exc.code, int)):
+            from mpipe.forkstart import hosted  # imported by `mpipe run` already
+
+            if not hosted():
+                _exit_now(exc.code or 0)
         raise
-
-
-def _hosted() -> bool:
-    """Whether a profiler, tracer, coverage tool or debugger watches this process."""
-    if sys.getprofile() is not None or sys.gettrace() is not None:
-        return True
-    # Python 3.12+: cProfile, coverage and debuggers may use sys.monitoring
-    # instead, and then the two calls above return None.
-    monitoring = getattr(sys, "monitoring", None)
-    return monitoring is not None and any(monitoring.get_tool(tool) is not None
-                                          for tool in range(6))
 
 
 def _exit_now(code: int) -> None:
@@ -253,11 +245,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"mpipe: error: cannot open the log file {args.log_file}: {exc.strerror}",
               file=sys.stderr)
         sys.exit(2)
-    if args.command == "run":
-        from mpipe import forkserver
-
-        forkserver.start(fork=True)
     try:
+        if args.command == "run":
+            from mpipe import forkserver
+
+            forkserver.start(fork=True)
         code = COMMANDS[args.command](args)
     except MpipeError as exc:
         print(f"mpipe: error: {exc}", file=sys.stderr)

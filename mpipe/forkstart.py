@@ -20,14 +20,19 @@ file through its handler first, so that no child holds a copy of anything the
 runner (or whoever started it) had open.  Python's output buffers are flushed
 before the fork, or every child would print them again.
 
+Each names itself (``mpipe-forksrv``, ``mpipe-tracker`` in ``ps -o comm``
+and ``top``; each child then takes its own, :func:`mpipe.procs.child_setup`):
+forked, they would otherwise show the runner's name and command line.
+
 The fork is taken only where it is known to match multiprocessing: Linux,
-the ``main`` signatures of Python 3.10-3.13, one thread, no h5py imported,
-neither helper running yet.  Anything else starts them the usual way.
+the ``main`` signatures of Python 3.11-3.13, one thread (native ones
+counted), no profiler, tracer or debugger (they would follow the fork into
+every child), no h5py imported, neither helper running yet.  Anything else
+starts them the usual way.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import signal
@@ -38,35 +43,75 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from multiprocessing import connection, forkserver, resource_tracker, util
 from typing import Any
 
-# What multiprocessing passes its helpers' `main` on Python 3.10-3.13 (3.14
+from mpipe import procs
+
+logger = logging.getLogger(__name__)
+
+# What multiprocessing passes its helpers' `main` on Python 3.11-3.13 (3.14
 # adds an authentication key, gh-97514: there, the usual start).
 _FORKSERVER_MAIN = ("listener_fd", "alive_r", "preload", "main_path", "sys_path")
 _TRACKER_MAIN = ("fd",)
+# The records ensure_running keeps, which fork_helpers fills in its place.
+_FORKSERVER_RECORDS = ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid")
+_TRACKER_RECORDS = ("_fd", "_pid")
 # Blocked across each fork until the helper has set its own handlers, as
 # multiprocessing does for the tracker (bpo-33613): a Ctrl-C in that window
 # would kill it.
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def why_not_fork() -> str | None:
-    """Why this process should not fork the helpers, or None if it may."""
+def unsupported() -> str | None:
+    """Why this platform or Python rules the fork out, or None."""
     if not sys.platform.startswith("linux"):
         return f"not on {sys.platform}"
-    if threading.active_count() > 1:
-        return "threads are running"
+    server, tracker = forkserver._forkserver, resource_tracker._resource_tracker
+    if (not all(hasattr(server, name) for name in _FORKSERVER_RECORDS)
+            or not all(hasattr(tracker, name) for name in _TRACKER_RECORDS)
+            or _parameters(forkserver.main) != _FORKSERVER_MAIN
+            or _parameters(resource_tracker.main) != _TRACKER_MAIN):
+        return "multiprocessing's helpers take other arguments or keep other records here"
+    return None
+
+
+def _parameters(function: Callable[..., object]) -> tuple[str, ...]:
+    code = function.__code__  # not inspect.signature: importing inspect costs the runner 10 ms
+    return code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+
+
+def why_not_fork() -> str | None:
+    """Why this process should not fork the helpers now, or None if it may."""
+    reason = unsupported()
+    if reason is not None:
+        return reason
     if "h5py" in sys.modules:
         return "h5py is loaded (HDF5's state must not cross a fork)"
-    server, tracker = forkserver._forkserver, resource_tracker._resource_tracker
-    if (getattr(server, "_forkserver_pid", 0) is not None
-            or getattr(tracker, "_fd", 0) is not None
-            or not hasattr(server, "_forkserver_address")
-            or not hasattr(server, "_forkserver_alive_fd")
-            or not hasattr(tracker, "_pid")):
-        return "a helper runs already, or multiprocessing keeps other records"
-    if (tuple(inspect.signature(forkserver.main).parameters) != _FORKSERVER_MAIN
-            or tuple(inspect.signature(resource_tracker.main).parameters) != _TRACKER_MAIN):
-        return "multiprocessing's helpers take other arguments on this Python"
+    if threading.active_count() > 1 or _threads() > 1:
+        return "threads are running"  # numpy's OpenBLAS starts its pool on import
+    if hosted():
+        return "a profiler, tracer or debugger watches this process"
+    if (forkserver._forkserver._forkserver_pid is not None  # type: ignore[attr-defined]
+            or resource_tracker._resource_tracker._fd is not None):  # type: ignore[attr-defined]
+        return "a helper runs already"
     return None
+
+
+def hosted() -> bool:
+    """Whether a profiler, tracer, coverage tool or debugger watches this process."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return True
+    # Python 3.12+: cProfile, coverage and debuggers may use sys.monitoring
+    # instead, and then the two calls above return None.
+    monitoring = getattr(sys, "monitoring", None)
+    return monitoring is not None and any(monitoring.get_tool(tool) is not None
+                                          for tool in range(6))
+
+
+def _threads() -> int:
+    """This process's threads, native ones included (a C library's, faulthandler's)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
 
 
 def fork_helpers(preload: Sequence[str], environ: Mapping[str, str]) -> bool:
@@ -82,11 +127,14 @@ def fork_helpers(preload: Sequence[str], environ: Mapping[str, str]) -> bool:
             if stream is not None:
                 stream.flush()
         except (OSError, ValueError):
-            pass  # a closed or broken stream: nothing buffered to print twice
+            pass  # closed, or full (EAGAIN): nothing is printed this early anyway
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         _fork_tracker()
         _fork_forkserver(preload, environ)
+    except OSError as exc:  # fork (EAGAIN, ENOMEM), pipe, socket: try the usual way
+        logger.info("forking multiprocessing's helpers failed (%s): starting them anew", exc)
+        return False
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return True
@@ -98,7 +146,7 @@ def _fork_tracker() -> None:
     read_end, write_end = os.pipe()
     try:
         # main unblocks the signals after ignoring them.
-        pid = _fork(lambda: resource_tracker.main(read_end), keep=(read_end,))
+        pid = _fork("mpipe-tracker", lambda: resource_tracker.main(read_end), keep=(read_end,))
     except BaseException:
         os.close(write_end)
         raise
@@ -120,16 +168,20 @@ def _fork_forkserver(preload: Sequence[str], environ: Mapping[str, str]) -> None
         listener_fd = listener.fileno()
 
         def serve() -> None:
+            # The runner's records of the tracker, its descriptor closed by now:
+            # each child gets the tracker's pipe with its request instead.
+            tracker: Any = resource_tracker._resource_tracker
+            tracker._fd = tracker._pid = None
             os.environ.update(environ)
-            # Children restore these two as the forkserver found them: ignored,
-            # until mpipe.procs.child_setup ignores them anyway.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # As mpipe.forkserver_init does, before the signals are unblocked.
+            # SIGINT stays as the runner had it: main() ignores it for itself
+            # and gives each child back the handler it found.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             forkserver.main(listener_fd, alive_r, list(preload))
 
         try:
-            pid = _fork(serve, keep=(listener_fd, alive_r))
+            pid = _fork("mpipe-forksrv", serve, keep=(listener_fd, alive_r))
         except BaseException:
             os.close(alive_w)
             raise
@@ -140,18 +192,21 @@ def _fork_forkserver(preload: Sequence[str], environ: Mapping[str, str]) -> None
     server._forkserver_pid = pid
 
 
-def _fork(serve: Callable[[], object], keep: Collection[int]) -> int:
+def _fork(name: str, serve: Callable[[], object], keep: Collection[int]) -> int:
     """Fork; the child runs ``serve`` and exits, never returning into the runner's stack."""
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
+        procs.set_process_name(name)
         _drop_inherited(keep)
         serve()
         code = 0
     except SystemExit as exc:  # the forkserver's way out once every client is gone
         code = exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:  # Ctrl-C before main() ignores it: the run is interrupted too
+        code = 130
     except BaseException:
         import traceback
 
@@ -161,7 +216,11 @@ def _fork(serve: Callable[[], object], keep: Collection[int]) -> int:
 
 
 def _drop_inherited(keep: Collection[int]) -> None:
-    """Close what the runner had open, except stdin, stdout, stderr and ``keep``."""
+    """Close what the runner had open but stdin, stdout, stderr and ``keep``.
+
+    What ``exec`` would: 0-2 go too if they are not inheritable, i.e. the
+    runner's own pipes in a process started with them closed (``>&-``).
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         # Closed through the handler, which owns the file: its descriptor
@@ -169,10 +228,22 @@ def _drop_inherited(keep: Collection[int]) -> None:
         # the handler is collected.
         root.removeHandler(handler)
         handler.close()
+    for fd in (0, 1, 2):
+        try:
+            if fd not in keep and not os.get_inheritable(fd):
+                os.close(fd)
+        except OSError:
+            pass  # not open
     try:
-        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+        open_fds = sorted(int(name) for name in os.listdir("/proc/self/fd"))
     except OSError:
-        open_fds = list(range(3, os.sysconf("SC_OPEN_MAX")))
+        # No /proc: close the ranges between the kept ones (close_range(2)).
+        low = 3
+        for fd in sorted(k for k in keep if k >= 3):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+        return
     for fd in open_fds:
         if fd > 2 and fd not in keep:
             try:

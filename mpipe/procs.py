@@ -36,10 +36,22 @@ def child_setup(name: str, lifeline: Connection, log_level: int) -> None:
     """First thing every child runs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # `ps -o comm` and `top` show mpipe-compute-1, mpipe-writer, ... rather
+    # than the forkserver's name (mpipe.forkstart).
+    set_process_name(f"mpipe-{name}")
     # The runner's --log-file / --log-format reach every child through the
     # environment, which the forkserver inherited (see mpipe.logsetup).
     logsetup.configure_child(name, log_level)
     threading.Thread(target=_watch_lifeline, args=(lifeline,), name="lifeline", daemon=True).start()
+
+
+def set_process_name(name: str) -> None:
+    """The name ``ps -o comm``, ``top`` and ``pgrep`` show (15 bytes at most)."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name[:15])
+    except OSError:
+        pass  # not Linux, or no /proc: the name is only for people reading ps
 
 
 def _watch_lifeline(lifeline: Connection) -> None:

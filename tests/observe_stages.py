@@ -53,6 +53,10 @@ def helpers_view(x: int, ctx: Any) -> float:
     """
     import json
 
+    def comm(pid: int) -> str:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+
     def cmdline(pid: int) -> str:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode().strip()
@@ -75,9 +79,10 @@ def helpers_view(x: int, ctx: Any) -> float:
     with open(f"/proc/{runner}/task/{runner}/children") as f:
         runner_children = [int(pid) for pid in f.read().split()]
     view = {
-        "forkserver": server, "runner": runner,
+        "forkserver": server, "runner": runner, "worker_comm": comm(os.getpid()),
         "forkserver_cmdline": cmdline(server), "runner_cmdline": cmdline(runner),
-        "helpers": {str(pid): {"cmdline": cmdline(pid), "files": open_files(pid)}
+        "helpers": {str(pid): {"cmdline": cmdline(pid), "comm": comm(pid),
+                               "files": open_files(pid)}
                     for pid in runner_children},
     }
     ctx.path(f"helpers-{x}.json").write_text(json.dumps(view))

@@ -2,7 +2,7 @@
 
 Real runs, read through /proc: the helpers are forked (no fresh interpreter),
 and keep nothing the runner, or whoever started it, had open.  Where a fork
-would copy a thread or the HDF5 library, they start the usual way.
+would copy a thread, a profiler or the HDF5 library, they start the usual way.
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ from pathlib import Path
 import h5py
 import pytest
 
+from mpipe import forkstart
 from tests.conftest import REPO
 
 FRESH_FORKSERVER = "from multiprocessing.forkserver import main"
 FRESH_TRACKER = "from multiprocessing.resource_tracker import main"
+forked_here = pytest.mark.skipif(forkstart.unsupported() is not None,
+                                 reason=f"no forked helpers here: {forkstart.unsupported()}")
 
 
+@forked_here
 def test_helpers_are_forked_and_keep_nothing_of_the_runners(tmp_path: Path) -> None:
     cfg = tmp_path / "pipeline.yaml"
     cfg.write_text(textwrap.dedent("""\
@@ -61,6 +65,10 @@ def test_helpers_are_forked_and_keep_nothing_of_the_runners(tmp_path: Path) -> N
         helpers = view["helpers"]
         assert str(view["forkserver"]) in helpers
         assert len(helpers) == 2, helpers  # the forkserver and the resource tracker
+        # Named for ps and top, each child too: forked, all would show the runner's name.
+        assert sorted(h["comm"] for h in helpers.values()) == ["mpipe-forksrv", "mpipe-tracker"]
+        assert helpers[str(view["forkserver"])]["comm"] == "mpipe-forksrv"
+        assert view["worker_comm"] in ("mpipe-look-1", "mpipe-look-2")
         for pid, helper in helpers.items():
             assert helper["cmdline"] == view["runner_cmdline"], (pid, helper)
             assert FRESH_FORKSERVER not in helper["cmdline"]
@@ -76,45 +84,86 @@ def test_helpers_are_forked_and_keep_nothing_of_the_runners(tmp_path: Path) -> N
                        for t in (e.split(" ", 1)[1] for e in extra)), (pid, extra)
 
 
-@pytest.mark.parametrize("unfit", ["thread", "h5py"])
+UNFIT = {
+    "thread": ("threading.Thread(target=stop.wait, daemon=True).start()", "threads are running"),
+    # faulthandler's watchdog is a C thread, which threading does not list.
+    "native thread": ("import faulthandler; faulthandler.dump_traceback_later(60)",
+                      "threads are running"),
+    "profiler": ("sys.setprofile(lambda *args: None)",
+                 "a profiler, tracer or debugger watches this process"),
+    "h5py": ("import h5py", "h5py is loaded (HDF5's state must not cross a fork)"),
+}
+
+
+@pytest.mark.parametrize("unfit", sorted(UNFIT))
 def test_helpers_start_the_usual_way_where_a_fork_would_copy_too_much(unfit: str) -> None:
+    make_unfit, reason = UNFIT[unfit]
     code = textwrap.dedent(f"""\
+        import sys
         import threading
         import time
         from multiprocessing import forkserver as mp_forkserver
         from mpipe import forkserver, forkstart
         stop = threading.Event()
-        if {unfit!r} == "thread":
-            threading.Thread(target=stop.wait).start()
-        else:
-            import h5py
+        {make_unfit}
         print(forkstart.why_not_fork())
         forkserver.start(fork=True)
+        sys.setprofile(None)
         pid = mp_forkserver._forkserver._forkserver_pid
-        # Empty while the fresh interpreter is still being exec'd.
+        # Empty until the exec'd interpreter's memory is in place.
         deadline = time.monotonic() + 10
         while not (cmdline := open(f"/proc/{{pid}}/cmdline").read()):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         print(cmdline.replace("\\0", " "))
-        stop.set()
         """)
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    reason, cmdline = proc.stdout.splitlines()
-    assert reason == {"thread": "threads are running",
-                      "h5py": "h5py is loaded (HDF5's state must not cross a fork)"}[unfit]
+    said, cmdline = proc.stdout.splitlines()
+    assert said == reason
     assert FRESH_FORKSERVER in cmdline
 
 
+@forked_here
+def test_a_run_started_with_stdout_and_stderr_closed_leaves_no_helper_behind(
+        tmp_path: Path) -> None:
+    # Started with 1 and 2 closed (cron lines end in `>&- 2>&-`), the runner's
+    # own pipes land on them; a helper that kept them would never see its
+    # pipe's EOF and outlive the run (the autouse fixture fails the test).
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        pipeline: closed
+        workdir: .
+        params: {n: 3}
+        source: {fn: tests.observe_stages:numbers}
+        stages:
+          last: {fn: tests.observe_stages:tail, workers: 2}
+        writer: {path: results.h5}
+        allowed_modules: [tests.observe_stages]
+        """))
+    proc = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -m mpipe run "{cfg}" --quiet >&- 2>&-'],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+        timeout=100)
+    assert proc.returncode == 0
+    with h5py.File(tmp_path / "results.h5") as f:
+        assert sorted(f["results"][:].ravel().tolist()) == [0.0, 1.0, 2.0]
+
+
+@forked_here
 def test_what_the_runner_had_buffered_is_printed_once() -> None:
     # Into a pipe, print() is buffered: forked with the buffer full, every
     # child would print it again when it exits.
     code = textwrap.dedent("""\
+        import os, sys
+        from multiprocessing import forkserver as mp_forkserver
         from mpipe import forkserver
         print("printed once", end="")
         ctx = forkserver.start(fork=True)
+        pid = mp_forkserver._forkserver._forkserver_pid
+        with open(f"/proc/{pid}/cmdline") as theirs, open("/proc/self/cmdline") as mine:
+            assert theirs.read() == mine.read(), "the forkserver was not forked"
         for _ in range(2):
             p = ctx.Process(target=int)
             p.start()
