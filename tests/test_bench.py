@@ -164,3 +164,22 @@ def test_ab_alternates_an_earlier_commit_with_this_tree(tmp_path: Path) -> None:
     [line] = proc.stdout.splitlines()
     assert line.startswith("pipeline.yaml: HEAD ") and "(medians of 2)" in line, line
     assert float(line.rsplit(": ", 1)[1]) > 0
+
+
+def test_the_no_bytecode_cache_runs_find_no_bytecode_of_mpipe(tmp_path: Path) -> None:
+    # A __pycache__ beside mpipe's sources (left by any process run without
+    # PYTHONDONTWRITEBYTECODE) would make the "no bytecode cache" row a cached one.
+    import mpipe.bench
+    from mpipe.bench import runners
+    from mpipe.bench.workload import BenchDir
+
+    planted = Path(mpipe.bench.__file__).parent / "__pycache__"
+    planted.mkdir(exist_ok=True)
+    (planted / "planted.cpython-311.pyc").write_bytes(b"")
+    assert runners.forget_source_bytecode() >= 1
+    assert not planted.exists()
+    env = runners.subprocess_env(BenchDir(tmp_path), bytecode_cache=False)
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and "PYTHONPYCACHEPREFIX" not in env
+    cached = runners.subprocess_env(BenchDir(tmp_path), bytecode_cache=True)
+    assert "PYTHONDONTWRITEBYTECODE" not in cached
+    assert cached["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pycache")

@@ -188,6 +188,9 @@ def main(args: argparse.Namespace) -> int:
                       env=runners.subprocess_env(bench, bytecode_cache=not args.no_bytecode_cache),
                       io_slots=args.io_slots)
     env_no_cache = replace(env, env=runners.subprocess_env(bench, bytecode_cache=False))
+    # Nothing of mpipe's is cached beside its sources, or the no-cache runs would read it.
+    sys.dont_write_bytecode = True
+    runners.forget_source_bytecode()
     command = "mpipe bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
                                           else sys.argv[1:])
     doc: dict[str, Any] = {"command": command, "plan": vars(plan) | {"suites": only},

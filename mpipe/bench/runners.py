@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,8 +67,9 @@ def subprocess_env(bench: BenchDir, *, bytecode_cache: bool) -> dict[str, str]:
 
     With ``bytecode_cache``, compiled modules are cached under the bench
     directory (``PYTHONPYCACHEPREFIX``), as any normal install caches them;
-    without it, the inherited environment is kept as it is (this sandbox sets
-    ``PYTHONDONTWRITEBYTECODE=1``, so each process compiles mpipe afresh).
+    without it, nothing is written (``PYTHONDONTWRITEBYTECODE=1``, as this
+    sandbox sets it), so each process compiles mpipe afresh, provided that
+    no bytecode of mpipe lies in its source tree (:func:`forget_source_bytecode`).
     """
     env = dict(os.environ)
     # Validated configs are remembered here, not in the user's cache.
@@ -75,7 +77,27 @@ def subprocess_env(bench: BenchDir, *, bytecode_cache: bool) -> dict[str, str]:
     if bytecode_cache:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(bench.root / "pycache")
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
     return env
+
+
+def forget_source_bytecode() -> int:
+    """Remove the bytecode cached beside mpipe's own sources; return how many directories.
+
+    An editable install is never byte-compiled, but any process run without
+    ``PYTHONDONTWRITEBYTECODE`` leaves ``__pycache__`` directories beside the
+    sources, which the "no bytecode cache" runs would then read (run 10's row
+    did).  The harness itself writes none (``sys.dont_write_bytecode``).
+    """
+    package = Path(__file__).resolve().parent.parent
+    if not (package.parent / "pyproject.toml").is_file():
+        return 0  # an installed mpipe: its bytecode is the install's, left alone
+    caches = [p for p in package.rglob("__pycache__") if p.is_dir()]
+    for cache in caches:
+        shutil.rmtree(cache, ignore_errors=True)
+    return len(caches)
 
 
 def mpipe_runner(e: Env, job: Job, *, label: str = "mpipe",
