@@ -77,7 +77,12 @@ def _int_list(text: str) -> list[int]:
     return [_positive_int(part) for part in text.split(",") if part.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; given the ``command`` about to run, only what it needs.
+
+    `mpipe bench`'s arguments live in mpipe.bench, whose import (with
+    platform's) cost `mpipe run` 10 ms before its forkserver could start.
+    """
     parser = argparse.ArgumentParser(
         prog="mpipe",
         description="Run config-driven, multiprocess batch pipelines.",
@@ -171,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="give up on a sample run after this long (default 600)")
 
     bench = sub.add_parser("bench", help="measure mpipe against its peers and the floor")
-    from mpipe.bench import add_arguments as add_bench_arguments
+    if command in (None, "bench"):
+        from mpipe.bench import add_arguments as add_bench_arguments
 
-    add_bench_arguments(bench)
+        add_bench_arguments(bench)
     return parser
 
 
@@ -235,7 +241,8 @@ def _exit_now(code: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         logsetup.configure(getattr(logging, getattr(args, "log_level", "WARNING")),

@@ -60,3 +60,14 @@ def test_after_a_prepare_function_the_interpreter_exits_normally(tmp_path: Path)
     proc = _run([CONSOLE_SCRIPT, "run", cfg, "--quiet"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "finalized.txt").read_text() == "finalized\n"
+
+
+def test_only_mpipe_bench_pays_for_the_bench_s_arguments(tmp_path: Path) -> None:
+    # mpipe.bench (and platform) cost every other command 10-15 ms of start.
+    code = ("import sys; from mpipe.cli import build_parser; build_parser(sys.argv[1]); "
+            "print('mpipe.bench' in sys.modules)")
+    seen = {command: _run([sys.executable, "-c", code, command], cwd=tmp_path).stdout.strip()
+            for command in ("run", "validate", "bench")}
+    assert seen == {"run": "False", "validate": "False", "bench": "True"}
+    usage = _run([CONSOLE_SCRIPT, "bench", "--help"], cwd=tmp_path)
+    assert usage.returncode == 0 and "--pairs" in usage.stdout
