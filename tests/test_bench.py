@@ -183,3 +183,24 @@ def test_the_no_bytecode_cache_runs_find_no_bytecode_of_mpipe(tmp_path: Path) ->
     cached = runners.subprocess_env(BenchDir(tmp_path), bytecode_cache=True)
     assert "PYTHONDONTWRITEBYTECODE" not in cached
     assert cached["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pycache")
+
+
+def test_processes_names_each_process_of_a_run_and_its_cpu(tmp_path: Path) -> None:
+    # A smoke test of the profiling tool on a real run: every process is
+    # listed under the name it gives itself; no timing is asserted.
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, make_inputs, notes_config
+
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    proc = subprocess.run([sys.executable, "-m", "mpipe.bench.processes", "--",
+                           sys.executable, "-m", "mpipe", "run", str(cfg), "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    names = {line.split()[0] for line in lines[1:-1]}
+    assert {"mpipe-forksrv", "mpipe-tracker", "mpipe-writer", "mpipe-producer",
+            "mpipe-consumer", "mpipe-compute-1", "mpipe-compute-2"} <= names, lines
+    assert lines[-1].endswith("exit 0") and " processes, CPU " in lines[-1]

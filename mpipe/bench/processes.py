@@ -1,0 +1,120 @@
+"""``python -m mpipe.bench.processes -- COMMAND...``: the CPU of each process of one run.
+
+Runs the command and reads ``/proc`` every few milliseconds for it and every
+descendant: CPU time (user, system) and minor page faults, and the name each
+process gives itself (``mpipe-forksrv``, ``mpipe-compute-1``, ... : see
+:func:`mpipe.procs.set_process_name`).  A total for the whole tree needs no
+such tool (``make bench`` reports one); this says *which* process spent it,
+e.g. whether an IO-bound run's extra CPU is in its workers or beside them.
+
+    .venv/bin/python -m mpipe.bench.processes -- \
+        .venv/bin/mpipe run bench-results/configs/notes-T40-R0-W2-nofsync.yaml --fresh --quiet
+
+The last few milliseconds of each process fall between two samples and are
+missed (``--interval``, default 3 ms); the tool makes itself a child
+subreaper, so that helpers re-parented when their parent exits stay visible.
+Linux only.  See docs/BENCHMARKS.md, "Where mpipe's time goes now".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from mpipe.bench import measure
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Seen:
+    pid: int
+    parent: int
+    started: int  # clock ticks since boot
+    name: str = ""
+    user_s: float = 0.0
+    system_s: float = 0.0
+    minor_faults: int = 0
+
+
+def _read(pid: int) -> tuple[int, int, int, int, int, str] | None:
+    """parent, minor faults, user ticks, system ticks, start ticks, name; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/comm") as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    # After the name: state, ppid, ..., minflt (8th), ..., utime, stime, ..., starttime.
+    return int(fields[1]), int(fields[7]), int(fields[11]), int(fields[12]), int(fields[19]), name
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(child) for child in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def sample_tree(root: int, seen: dict[int, Seen]) -> None:
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        read = _read(pid)
+        if read is None:
+            continue
+        parent, faults, user, system, started, name = read
+        entry = seen.get(pid)
+        if entry is None or entry.started != started:  # a reused pid is another process
+            entry = seen[pid] = Seen(pid, parent, started)
+        entry.name, entry.minor_faults = name, faults
+        entry.user_s, entry.system_s = user / TICKS, system / TICKS
+        todo += _children(pid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpipe.bench.processes",
+                                     description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--interval", type=float, default=0.003, metavar="SECONDS")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    opts = parser.parse_args(argv)
+    command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+    if not command:
+        parser.error("give the command to run after --")
+    measure.become_subreaper()
+    seen: dict[int, Seen] = {}
+    started = time.perf_counter()
+    proc = subprocess.Popen(command)
+    while proc.poll() is None:
+        sample_tree(proc.pid, seen)
+        time.sleep(opts.interval)
+    wall = time.perf_counter() - started
+    while True:  # reap what was re-parented to us
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    total = 0.0
+    print(f"{'process':<16} {'pid':>7} {'parent':>7} {'CPU s':>6} {'user':>6} {'system':>6} "
+          f"{'minor faults':>12}")
+    for entry in sorted(seen.values(), key=lambda e: (e.started, e.pid)):
+        cpu = entry.user_s + entry.system_s
+        total += cpu
+        print(f"{entry.name:<16} {entry.pid:>7} {entry.parent:>7} {cpu:6.2f} "
+              f"{entry.user_s:6.2f} {entry.system_s:6.2f} {entry.minor_faults:>12}")
+    print(f"{len(seen)} processes, CPU {total:.2f} s, wall {wall:.2f} s, exit {proc.returncode}")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
