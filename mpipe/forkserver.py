@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 # rather than after each fork, while the run waits for that child.
 PRELOAD = ["mpipe.forkserver_init", "mpipe.worker", "mpipe.producer", "mpipe.consumer",
            "mpipe.writer", "numpy"]
+# Of those, what the runner imports too (mpipe.runner names their entry
+# points) and may import before a fork: no numpy (its OpenBLAS starts
+# threads), not forkserver_init (it ignores SIGTERM).
+SHARED_WITH_RUNNER = ["mpipe.worker", "mpipe.producer", "mpipe.consumer", "mpipe.writer"]
 
 
 # The thread pools of native libraries (OpenBLAS, MKL, OpenMP, Accelerate,
@@ -90,8 +94,14 @@ def start(*, fork: bool = False) -> ForkServerContext:
     ctx = context()
     ctx.set_forkserver_preload(PRELOAD)
     if fork:
+        import importlib
+
         from mpipe import forkstart
 
+        # Imported once, before the fork, rather than by both processes after
+        # it: the forkserver then has only numpy left to import.
+        for name in SHARED_WITH_RUNNER:
+            importlib.import_module(name)
         if forkstart.fork_helpers(PRELOAD, native_thread_limits()):
             return ctx
     from multiprocessing import forkserver
