@@ -81,7 +81,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line; given the ``command`` about to run, only what it needs.
 
     `mpipe bench`'s arguments live in mpipe.bench, whose import (with
-    platform's) cost `mpipe run` 10 ms before its forkserver could start.
+    platform's) made building the parser take 24 ms instead of 6, before
+    `mpipe run` could start its forkserver.
     """
     parser = argparse.ArgumentParser(
         prog="mpipe",

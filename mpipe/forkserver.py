@@ -39,14 +39,13 @@ if TYPE_CHECKING:
     from mpipe.imports import Named
 
 # forkserver_init first: it makes the forkserver ignore SIGTERM (see there).
-# Every child's own module too: imported once here, off the runner's path,
-# rather than after each fork, while the run waits for that child.
-PRELOAD = ["mpipe.forkserver_init", "mpipe.worker", "mpipe.producer", "mpipe.consumer",
-           "mpipe.writer", "numpy"]
-# Of those, what the runner imports too (mpipe.runner names their entry
-# points) and may import before a fork: no numpy (its OpenBLAS starts
-# threads), not forkserver_init (it ignores SIGTERM).
+# Then every child's own module, so that no child imports it after its fork,
+# while the run waits for that child.  The runner imports those too
+# (mpipe.runner names their entry points): `mpipe run` imports them before it
+# forks the forkserver, which then has only numpy left.  numpy (its OpenBLAS
+# starts threads) and forkserver_init (it ignores SIGTERM) stay out of the runner.
 SHARED_WITH_RUNNER = ["mpipe.worker", "mpipe.producer", "mpipe.consumer", "mpipe.writer"]
+PRELOAD = ["mpipe.forkserver_init", *SHARED_WITH_RUNNER, "numpy"]
 
 
 # The thread pools of native libraries (OpenBLAS, MKL, OpenMP, Accelerate,
