@@ -1,7 +1,8 @@
 """``python -m mpipe.bench.processes -- COMMAND...``: the CPU of each process of one run.
 
 Runs the command and reads ``/proc`` every few milliseconds for it and every
-descendant: CPU time (user, system) and minor page faults, and the name each
+descendant: CPU time (user, system), minor page faults, context switches
+(waits: the process blocked; preempted: another took its core), and the name each
 process gives itself (``mpipe-forksrv``, ``mpipe-compute-1``, ... : see
 :func:`mpipe.procs.set_process_name`).  A total for the whole tree needs no
 such tool (``make bench`` reports one); this says *which* process spent it,
@@ -39,20 +40,25 @@ class Seen:
     user_s: float = 0.0
     system_s: float = 0.0
     minor_faults: int = 0
+    waits: int = 0  # voluntary context switches: blocked (IO, a pipe, a lock)
+    preempted: int = 0  # involuntary ones: another process took the core
 
 
-def _read(pid: int) -> tuple[int, int, int, int, int, str] | None:
-    """parent, minor faults, user ticks, system ticks, start ticks, name; None if gone."""
+def _read(pid: int) -> tuple[int, int, int, int, int, str, int, int] | None:
+    """parent, minor faults, user ticks, system ticks, start ticks, name, voluntary and
+    involuntary context switches; None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
-        with open(f"/proc/{pid}/comm") as f:
-            name = f.read().strip()
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
     except OSError:
         return None
     fields = stat.rsplit(")", 1)[1].split()
     # After the name: state, ppid, ..., minflt (8th), ..., utime, stime, ..., starttime.
-    return int(fields[1]), int(fields[7]), int(fields[11]), int(fields[12]), int(fields[19]), name
+    return (int(fields[1]), int(fields[7]), int(fields[11]), int(fields[12]), int(fields[19]),
+            status["Name"].strip(), int(status["voluntary_ctxt_switches"]),
+            int(status["nonvoluntary_ctxt_switches"]))
 
 
 def _children(pid: int) -> list[int]:
@@ -73,11 +79,12 @@ def sample_tree(root: int, seen: dict[int, Seen]) -> None:
         read = _read(pid)
         if read is None:
             continue
-        parent, faults, user, system, started, name = read
+        parent, faults, user, system, started, name, waits, preempted = read
         entry = seen.get(pid)
         if entry is None or entry.started != started:  # a reused pid is another process
             entry = seen[pid] = Seen(pid, parent, started)
         entry.name, entry.minor_faults = name, faults
+        entry.waits, entry.preempted = waits, preempted
         entry.user_s, entry.system_s = user / TICKS, system / TICKS
         todo += _children(pid)
 
@@ -106,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             break
     total = 0.0
     print(f"{'process':<16} {'pid':>7} {'parent':>7} {'CPU s':>6} {'user':>6} {'system':>6} "
-          f"{'minor faults':>12}")
+          f"{'minor faults':>12} {'waits':>7} {'preempted':>9}")
     for entry in sorted(seen.values(), key=lambda e: (e.started, e.pid)):
         cpu = entry.user_s + entry.system_s
         total += cpu
         print(f"{entry.name:<16} {entry.pid:>7} {entry.parent:>7} {cpu:6.2f} "
-              f"{entry.user_s:6.2f} {entry.system_s:6.2f} {entry.minor_faults:>12}")
+              f"{entry.user_s:6.2f} {entry.system_s:6.2f} {entry.minor_faults:>12} "
+              f"{entry.waits:>7} {entry.preempted:>9}")
     print(f"{len(seen)} processes, CPU {total:.2f} s, wall {wall:.2f} s, exit {proc.returncode}")
     return proc.returncode
 
