@@ -26,19 +26,25 @@ forked_here = pytest.mark.skipif(forkstart.unsupported() is not None,
                                  reason=f"no forked helpers here: {forkstart.unsupported()}")
 
 
-@forked_here
-def test_helpers_are_forked_and_keep_nothing_of_the_runners(tmp_path: Path) -> None:
-    cfg = tmp_path / "pipeline.yaml"
-    cfg.write_text(textwrap.dedent("""\
-        pipeline: helpers
+def _observe_config(workdir: Path, *, items: int, stage: str, fn: str) -> Path:
+    """One stage of tests.observe_stages, two workers, over ``items`` numbers."""
+    cfg = workdir / "pipeline.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        pipeline: forkstart
         workdir: .
-        params: {n: 2}
-        source: {fn: tests.observe_stages:numbers}
+        params: {{n: {items}}}
+        source: {{fn: tests.observe_stages:numbers}}
         stages:
-          look: {fn: tests.observe_stages:helpers_view, workers: 2}
-        writer: {path: results.h5}
+          {stage}: {{fn: tests.observe_stages:{fn}, workers: 2}}
+        writer: {{path: results.h5}}
         allowed_modules: [tests.observe_stages]
         """))
+    return cfg
+
+
+@forked_here
+def test_helpers_are_forked_and_keep_nothing_of_the_runners(tmp_path: Path) -> None:
+    cfg = _observe_config(tmp_path, items=2, stage="look", fn="helpers_view")
     log = tmp_path / "run.log"
     # A descriptor the caller leaves open to `mpipe run` (a shell's 3>file, a
     # supervisor's socket): a fresh interpreter never sees it; neither may a forked helper.
@@ -131,17 +137,7 @@ def test_a_run_started_with_stdout_and_stderr_closed_leaves_no_helper_behind(
     # Started with 1 and 2 closed (cron lines end in `>&- 2>&-`), the runner's
     # own pipes land on them; a helper that kept them would never see its
     # pipe's EOF and outlive the run (the autouse fixture fails the test).
-    cfg = tmp_path / "pipeline.yaml"
-    cfg.write_text(textwrap.dedent("""\
-        pipeline: closed
-        workdir: .
-        params: {n: 3}
-        source: {fn: tests.observe_stages:numbers}
-        stages:
-          last: {fn: tests.observe_stages:tail, workers: 2}
-        writer: {path: results.h5}
-        allowed_modules: [tests.observe_stages]
-        """))
+    cfg = _observe_config(tmp_path, items=3, stage="last", fn="tail")
     proc = subprocess.run(
         ["sh", "-c", f'exec "{sys.executable}" -m mpipe run "{cfg}" --quiet >&- 2>&-'],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
