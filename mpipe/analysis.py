@@ -24,8 +24,9 @@ part of it before the first item (every worker idle then) is taken off.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
+
+from mpipe.cores import usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def windows(report: dict[str, Any]) -> dict[str, float]:
 
 
 def cores(report: dict[str, Any]) -> int:
-    return int(report.get("cores") or len(os.sched_getaffinity(0)))
+    return int(report.get("cores") or usable_cores())
 
 
 def timeline_span(report: dict[str, Any]) -> tuple[float, float] | None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 
+from mpipe.cores import usable_cores
 from mpipe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ class LoadedConfig:
 
     def worker_count(self, stage: str) -> int:
         workers = self.config.stages[stage].workers
-        return cpu_count() if workers == "auto" else workers
+        return usable_cores() if workers == "auto" else workers
 
     def stage_backend(self, stage: str) -> str:
         """"local" or "dask" for one stage."""
@@ -217,13 +218,7 @@ class LoadedConfig:
         return "local" if self.config.backend == "local" else "dask"
 
     def cpu_slot_count(self) -> int:
-        return self.config.cpu_slots or cpu_count()
-
-
-def cpu_count() -> int:
-    # The affinity mask, not os.cpu_count(): a container or taskset may give
-    # this process fewer cores than the machine has.
-    return len(os.sched_getaffinity(0))
+        return self.config.cpu_slots or usable_cores()
 
 
 # --------------------------------------------------------------------------- loading

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipe import analysis
-from mpipe.config import LoadedConfig, cpu_count
+from mpipe.config import LoadedConfig
+from mpipe.cores import usable_cores
 from mpipe.errors import ConfigError
 from mpipe.runner import RunResult
 from mpipe.state import installed_version, versions
@@ -69,7 +70,7 @@ def build(loaded: LoadedConfig, result: RunResult, exit_code: int, started_at: f
             }
             for f in result.failures
         ],
-        "cores": cpu_count(),
+        "cores": usable_cores(),
         "cpu_slots": loaded.cpu_slot_count(),
         "stages": stages,
         "results_path": result.results_path,

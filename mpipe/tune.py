@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from mpipe import analysis
-from mpipe.config import LoadedConfig, cpu_count
+from mpipe.config import LoadedConfig
+from mpipe.cores import usable_cores
 from mpipe.errors import ConfigError, OutputError, PipelineBrokenError
 from mpipe.runlock import RunLock
 from mpipe.state import RunPaths
@@ -216,7 +217,7 @@ class Tuner:
                  on_trial: Callable[[Trial], None] | None = None) -> None:
         self.loaded = loaded
         self.overrides = list(overrides)
-        self.cores = cpu_count()
+        self.cores = usable_cores()
         self.candidates = sorted(set(candidates or default_candidates(self.cores)))
         if not self.candidates or min(self.candidates) < 1:
             raise ConfigError(f"worker counts to try must be >= 1 (got {self.candidates})")
