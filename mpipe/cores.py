@@ -19,11 +19,13 @@ when nothing can be read, the affinity (or the machine's count) alone.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
 
 
+@functools.cache  # read once per process: a run's worker counts and slots must agree
 def usable_cores(root: Path = Path("/")) -> int:
     """The cores this process may use: the affinity mask, less if a cgroup quota says so."""
     try:
