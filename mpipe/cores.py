@@ -3,7 +3,9 @@
 ``os.cpu_count()`` is the machine's count.  Two things give a process fewer:
 
 * its **affinity mask** (``taskset``, a cpuset, ``docker --cpuset-cpus``):
-  ``os.sched_getaffinity``;
+  ``os.sched_getaffinity`` (on Python 3.13+, ``os.process_cpu_count()``, which
+  a user may also set with ``PYTHON_CPU_COUNT`` or ``-X cpu_count``: lower
+  only, as a quota still caps it);
 * a **CPU quota** of its cgroup (``docker --cpus=2``, Kubernetes' CPU limits, a
   systemd unit's ``CPUQuota=``): the kernel lets the group run ``quota`` us per
   ``period`` us, however many cores it sees.  Ten workers under a two-core quota
@@ -28,10 +30,16 @@ from pathlib import Path
 @functools.cache  # read once per process: a run's worker counts and slots must agree
 def usable_cores(root: Path = Path("/")) -> int:
     """The cores this process may use: the affinity mask, less if a cgroup quota says so."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    # Python 3.13's os.process_cpu_count() is the affinity mask, or what the user
+    # set with PYTHON_CPU_COUNT / -X cpu_count; before 3.13, the mask.
+    counted = getattr(os, "process_cpu_count", None)
+    if counted is not None:
+        cores = counted() or 1
+    else:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
     limit = cgroup_cpu_limit(root)
     if limit is not None:
         cores = min(cores, math.ceil(limit))  # a quota is > 0: at least 1
@@ -42,8 +50,9 @@ def cgroup_cpu_limit(root: Path = Path("/")) -> float | None:
     """The tightest CPU quota (in cores) on this process's cgroup or its parents; None
     if none is set or none can be read.  ``root`` stands for ``/`` in tests."""
     try:
-        mounts = _cpu_mounts((root / "proc/self/mountinfo").read_text())
-        memberships = (root / "proc/self/cgroup").read_text()
+        # Paths may hold any byte: decoded as Python decodes file names.
+        mounts = _cpu_mounts(os.fsdecode((root / "proc/self/mountinfo").read_bytes()))
+        memberships = os.fsdecode((root / "proc/self/cgroup").read_bytes())
     except OSError:
         return None
     limits = []

@@ -24,6 +24,12 @@ V1_MOUNTS = ("32 31 0:29 {root} /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw
              "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
 
 
+def affinity() -> int:
+    """What mpipe starts from: 3.13's process_cpu_count (PYTHON_CPU_COUNT), or the mask."""
+    counted = getattr(os, "process_cpu_count", None)
+    return counted() if counted is not None else len(os.sched_getaffinity(0))
+
+
 def fake_root(tmp_path: Path, mountinfo: str, cgroup: str,
               files: dict[str, str]) -> Path:
     (tmp_path / "proc/self").mkdir(parents=True)
@@ -43,7 +49,7 @@ def test_v2_quota_on_the_services_own_cgroup(tmp_path: Path) -> None:
         "sys/fs/cgroup/system.slice/nightly.service/cpu.max": "150000 100000\n",
     })
     assert cgroup_cpu_limit(root) == 1.5
-    assert usable_cores(root) == min(len(os.sched_getaffinity(0)), 2)
+    assert usable_cores(root) == min(affinity(), 2)
 
 
 def test_v2_a_parents_quota_applies_when_tighter(tmp_path: Path) -> None:
@@ -71,12 +77,24 @@ def test_v1_with_cpu_cpuacct_and_a_hybrid_line(tmp_path: Path) -> None:
 def test_v1_container_seeing_its_hosts_path(tmp_path: Path) -> None:
     # Docker on cgroup v1 without a cgroup namespace: /proc/self/cgroup names the
     # host's path, and the container's own cgroup is what is mounted.
+    # (A cgroup of the container's own that happens to be named docker/abc is
+    # someone else's: its tighter quota must not be read.)
     root = fake_root(tmp_path / "namespaced", V1_MOUNTS.format(root="/docker/abc"),
                      "4:cpu,cpuacct:/docker/abc\n", {
         "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "200000\n",
         "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+        "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
     })
     assert cgroup_cpu_limit(root) == 2.0
+    # A process whose cgroup is not under what is mounted (a sibling whose name
+    # merely starts the same) reads nothing there.
+    sibling = fake_root(tmp_path / "sibling", V1_MOUNTS.format(root="/docker/abc"),
+                        "4:cpu,cpuacct:/docker/abcdef\n", {
+        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "200000\n",
+        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+    })
+    assert cgroup_cpu_limit(sibling) is None
     # The same, where mountinfo shows "/" mounted: the named path is not there,
     # and the mount point's own files are read.
     other = fake_root(tmp_path / "other", V1_MOUNTS.format(root="/"),
@@ -88,22 +106,41 @@ def test_v1_container_seeing_its_hosts_path(tmp_path: Path) -> None:
 
 
 def test_no_quota_or_nothing_readable_means_the_affinity(tmp_path: Path) -> None:
-    affinity = len(os.sched_getaffinity(0))
     unlimited = fake_root(tmp_path / "a", V2_MOUNT, "0::/user.slice\n", {
         "sys/fs/cgroup/cpu.max": "max 100000\n",
         "sys/fs/cgroup/user.slice/cpu.max": "max 100000\n",
     })
     assert cgroup_cpu_limit(unlimited) is None
-    assert usable_cores(unlimited) == affinity
+    assert usable_cores(unlimited) == affinity()
     garbled = fake_root(tmp_path / "b", V2_MOUNT, "0::/\n",
                         {"sys/fs/cgroup/cpu.max": "lots\n"})
     assert cgroup_cpu_limit(garbled) is None
     (tmp_path / "c").mkdir()
     assert cgroup_cpu_limit(tmp_path / "c") is None  # no /proc at all
-    assert usable_cores(tmp_path / "c") == affinity
+    assert usable_cores(tmp_path / "c") == affinity()
+
+
+def test_optional_fields_escapes_and_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    # mountinfo's optional fields ("shared:4") sit before " - "; a space in a path
+    # is written \040; a name may hold any byte but "/" (here 0xe9, not UTF-8).
+    mountinfo = ("30 23 0:26 / /sys/fs/cgroup\\040v2 rw,nosuid shared:4 master:1 - "
+                 "cgroup2 cgroup2 rw\n"
+                 "31 23 0:27 / /mnt/caf\xe9 rw shared:5 - tmpfs x rw\n")
+    root = fake_root(tmp_path, "", "", {
+        "sys/fs/cgroup v2/job.slice/cpu.max": "250000 100000\n",
+    })
+    (root / "proc/self/mountinfo").write_bytes(mountinfo.encode("latin-1"))
+    (root / "proc/self/cgroup").write_bytes(b"0::/job.slice\n")
+    assert cgroup_cpu_limit(root) == 2.5
+    (root / "proc/self/cgroup").write_bytes(b"0::/caf\xe9.slice\n")
+    not_utf8 = root / "sys/fs/cgroup v2" / os.fsdecode(b"caf\xe9.slice")
+    not_utf8.mkdir()
+    (not_utf8 / "cpu.max").write_text("100000 100000\n")
+    assert cgroup_cpu_limit(root) == 1.0
 
 
 V1_CPU = Path("/sys/fs/cgroup/cpu")
+
 
 
 @pytest.fixture
@@ -114,14 +151,23 @@ def one_core_cgroup() -> Iterator[Path]:
     group = V1_CPU / f"mpipe-test-{uuid.uuid4().hex[:8]}"
     try:
         group.mkdir()
-        (group / "cpu.cfs_quota_us").write_text("100000")
     except OSError as exc:
         pytest.skip(f"cannot make a cgroup here: {exc}")
     try:
+        try:
+            (group / "cpu.cfs_quota_us").write_text("100000")
+        except OSError as exc:
+            pytest.skip(f"cannot set a CPU quota here: {exc}")
         yield group
     finally:
-        # Every process of the run has exited (the runner waited for them, and
-        # no_child_left_behind checks); an empty cgroup can be removed.
+        # A process left in the group (a failed run's: no_child_left_behind,
+        # which runs after this, reports it) goes back to the parent group
+        # first, or removing the group would fail and hide that report.
+        for pid in (group / "cgroup.procs").read_text().split():
+            try:
+                (V1_CPU / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass  # exited meanwhile
         group.rmdir()
 
 
@@ -130,6 +176,8 @@ def test_workers_auto_under_a_real_one_core_quota(tmp_path: Path,
     import subprocess
     import sys
 
+    if affinity() < 2:
+        pytest.skip("one core already: a one-core quota would change nothing to see")
     make_inputs(tmp_path, 3)
     cfg = notes_config(tmp_path, tasks=3, repeat=0, workers="auto")
     # The shell joins the cgroup, then becomes mpipe: every process of the run is in it.

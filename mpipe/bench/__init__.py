@@ -166,6 +166,7 @@ def main(args: argparse.Namespace) -> int:
 
     from mpipe.bench import measure, report, runners, suites
     from mpipe.bench.workload import BenchDir
+    from mpipe.cores import usable_cores
 
     # Wide enough for the tables when piped to a file (rich assumes 80 columns).
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -180,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
     only = args.only or [n for n in suites.SUITES if not (args.quick and n == "tail")]
     bench = BenchDir((args.out or _default_out()).resolve())
     bench.create()
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()  # as mpipe counts them: workers: auto, cpu_slots
     if not measure.become_subreaper():
         logger.warning("cannot become a child subreaper: CPU time of orphaned helpers "
                        "will be missed")
