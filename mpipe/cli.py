@@ -8,6 +8,7 @@ workdir; 130 / 143 interrupted by SIGINT / SIGTERM.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -299,10 +300,11 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
     if args.command == "run":
         from mpipe import forkserver
 
-        forkserver.check_names(checks, cfg.allowed_modules, loaded.base_dir,
-                               getattr(logging, args.log_level))
+        code = forkserver.check_names(checks, cfg.allowed_modules, loaded.base_dir,
+                                      getattr(logging, args.log_level))
     else:
-        imports.check_names(checks, cfg.allowed_modules, loaded.base_dir)
+        code = imports.check_names(checks, cfg.allowed_modules, loaded.base_dir)
+    loaded = dataclasses.replace(loaded, code=code)
     if any(loaded.stage_backend(name) == "dask" for name in cfg.stages):
         # A missing `mpipe[dask]` extra is a config error found before anything starts.
         import mpipe.dask_backend  # noqa: F401
@@ -372,7 +374,7 @@ def _count_skips(loaded: LoadedConfig, paths: Any) -> tuple[int, int]:
     fn = imports.resolve(cfg.source.fn, "source.fn", cfg.allowed_modules, loaded.base_dir,
                          where=loaded.where("source.fn"))
     ctx = SourceContext(dict(cfg.params), paths.workdir, cfg.allow_outside_workdir)
-    config_fp = config_fingerprint(cfg)
+    config_fp = config_fingerprint(cfg, loaded.code)
     committed = ledger.open_for_reading(paths.ledger)
     skip = redo = 0
     try:

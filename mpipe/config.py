@@ -193,6 +193,9 @@ class LoadedConfig:
     path: Path
     raw: dict[str, Any]
     lines: dict[str, int]
+    # Each named function's code digest by config key, once the functions were
+    # imported and checked (mpipe.cli; mpipe.imports.code_digest).
+    code: Mapping[str, str] = field(default_factory=dict)
 
     def where(self, key: str) -> str:
         """", pipeline.yaml line 12" for a dotted key (or its nearest parent)."""

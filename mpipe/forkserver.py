@@ -112,8 +112,9 @@ def start(*, fork: bool = False) -> ForkServerContext:
 
 
 def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path,
-                log_level: int) -> None:
-    """:func:`mpipe.imports.check_names` in a child of the forkserver (see above).
+                log_level: int) -> dict[str, str]:
+    """:func:`mpipe.imports.check_names` in a child of the forkserver (see above):
+    each function's code digest by key, or the first :class:`ConfigError`.
 
     The child is a child like the others (:func:`mpipe.procs.child_setup`): it
     ignores SIGINT and SIGTERM and exits when it loses its lifeline, so an
@@ -153,9 +154,12 @@ def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path,
     if process.exitcode is None:
         process.kill()
         process.join()
-    if answer is not None:
-        message, hint = answer
+    error, digests = answer
+    assert isinstance(digests, dict), answer
+    if error is not None:
+        message, hint = error
         raise ConfigError(message, hint=hint)
+    return digests
 
 
 CHECK_EXIT_GRACE_S = 5.0
@@ -167,11 +171,11 @@ def _check_names_child(result: Connection, lifeline: Connection, log_level: int,
     from mpipe.errors import ConfigError
 
     procs.child_setup("check-names", lifeline, log_level)
-    answer: tuple[str, str | None] | None = None
+    answer: tuple[tuple[str, str | None] | None, dict[str, str]]
     try:
-        imports.check_names(named, allowed, Path(base_dir))
+        answer = (None, imports.check_names(named, allowed, Path(base_dir)))
     except ConfigError as exc:
-        answer = (exc.message, exc.hint)
+        answer = ((exc.message, exc.hint), {})
     try:
         result.send(answer)
     except BrokenPipeError:

@@ -120,9 +120,16 @@ def takes_context(fn: Callable[..., Any], n_args: int) -> bool:
 Named = tuple[str, str, str]
 
 
-def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path) -> None:
-    """Import and check every named function; raise the first :class:`ConfigError`."""
+def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path
+                ) -> dict[str, str]:
+    """Import and check every named function; raise the first :class:`ConfigError`.
+
+    Returns each function's code digest (:mod:`mpipe.codedigest`), by config key.
+    """
+    from mpipe.codedigest import code_digest
+
     add_pipeline_dir(base_dir)
-    for key, name, where in named:
-        resolve(name, key, allowed, base_dir, where=where)
+    return {key: code_digest(resolve(name, key, allowed, base_dir, where=where),
+                             name.partition(":")[0])
+            for key, name, where in named}
 

@@ -315,8 +315,8 @@ class Runner:
         ledger = None if self.fresh else str(self.paths.ledger)
         self._producer = self._spawn("producer", producer_main, (
             ProducerSpec(cfg.source.fn, params, workdir, cfg.allow_outside_workdir,
-                         config_fingerprint(cfg), ledger, self.log_level, pipeline_dir,
-                         self._limit, source_batch_max),
+                         config_fingerprint(cfg, self.loaded.code), ledger, self.log_level,
+                         pipeline_dir, self._limit, source_batch_max),
             self._source_queue, self._lifeline_r, self.stop_event))
         self._startup_s = time.monotonic() - self._t0
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,17 +70,19 @@ class RunPaths:
         )
 
 
-def config_fingerprint(cfg: PipelineConfig) -> str:
-    """What makes an item's result what it is: params and stage functions.
+def config_fingerprint(cfg: PipelineConfig, code: Mapping[str, str]) -> str:
+    """What makes an item's result what it is: params, stage functions and their code.
 
-    Worker counts, queue sizes and the like are left out: changing them must
-    not redo finished work.
+    ``code`` is :func:`mpipe.imports.check_names`'s answer (each function's
+    module source, digested); only the stages' count.  Worker counts, queue
+    sizes and the like are left out: changing them must not redo finished work.
     """
     identity = {
         "pipeline": cfg.pipeline,
         "params": cfg.params,
         "source": cfg.source.fn,
         "stages": [[name, stage.fn] for name, stage in cfg.stages.items()],
+        "code": {key: digest for key, digest in code.items() if key.startswith("stages.")},
     }
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()

@@ -142,3 +142,50 @@ def test_lock_of_a_killed_run_does_not_block(tmp_path: Path) -> None:
     again = mpipe("run", cfg, env={"MPIPE_TEST_SLEEP_S": "0"})
     assert again.returncode == 0, again.stderr
     check_against_reference(tmp_path, 4, 0)
+
+
+STAGES_V1 = """\
+def numbers(ctx):
+    return [1.0, 2.0, 3.0]
+
+
+def scale(value):
+    return value * 2.0
+"""
+
+
+def test_items_are_redone_when_their_stage_code_changed(tmp_path: Path) -> None:
+    # The fix of a bug in a stage must not be skipped as "done" on the next run
+    # (joblib's Memory, Snakemake and DVC rerun on changed code too).
+    module = tmp_path / "scaling.py"
+    module.write_text(STAGES_V1)
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text("pipeline: scaled\nworkdir: .\nsource: {fn: scaling:numbers}\n"
+                   "stages:\n  scale: {fn: scaling:scale, workers: 2}\n")
+
+    def results() -> list[float]:
+        with h5py.File(tmp_path / "results.h5", "r") as f:
+            return [float(v) for v in f["results"][:]]
+
+    def counts() -> dict[str, int]:
+        doc = json.loads((tmp_path / ".mpipe/scaled/last-run.json").read_text())
+        return {k: doc["counts"][k] for k in ("committed", "skipped")}
+
+    first = mpipe("run", cfg, "--quiet")
+    assert first.returncode == 0, first.stderr
+    assert results() == [v * 2.0 for v in (1.0, 2.0, 3.0)]
+    # A different size too: a rewrite within the same second at the same size
+    # would run from the stale .pyc (Python checks mtime in seconds and size).
+    module.write_text(STAGES_V1.replace("value * 2.0", "value * 3.25"))
+    plan = mpipe("plan", cfg, "--items")
+    assert "a run would skip 0" in plan.stdout, plan.stdout
+    second = mpipe("run", cfg, "--quiet")
+    assert second.returncode == 0, second.stderr
+    assert counts() == {"committed": 3, "skipped": 0}
+    assert results() == [v * 3.25 for v in (1.0, 2.0, 3.0)]
+    third = mpipe("run", cfg, "--quiet")  # unchanged since: nothing to redo
+    assert third.returncode == 0, third.stderr
+    assert counts() == {"committed": 0, "skipped": 3}
+    assert results() == [v * 3.25 for v in (1.0, 2.0, 3.0)]
+    plan = mpipe("plan", cfg, "--items")  # plan agrees with run
+    assert "a run would skip 3" in plan.stdout, plan.stdout

@@ -1,0 +1,116 @@
+"""A stage's code digest (mpipe.codedigest): what changes it and what must not.
+
+Each version of a user module is written to its own directory and imported
+fresh under the same name, as the next run would import the edited file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from mpipe.codedigest import code_digest
+from tests.conftest import REPO
+
+V1 = textwrap.dedent("""\
+    import functools
+
+    SCALE = 2.0
+    UNUSED = "not read by the stage"
+
+
+    def numbers(ctx):
+        return [1.0, 2.0, 3.0]
+
+
+    def _helper(value):
+        return value * SCALE
+
+
+    def scale(value):
+        return _helper(value) + 1
+
+
+    def total(results):
+        return sum(results)
+
+
+    scale_partial = functools.partial(scale)
+    """)
+
+
+Loader = Callable[[str], ModuleType]
+
+
+@pytest.fixture
+def load(tmp_path: Path) -> Iterator[Loader]:
+    versions = iter(range(100))
+
+    def load(text: str) -> ModuleType:
+        directory = tmp_path / f"v{next(versions)}"
+        directory.mkdir()
+        (directory / "userstages.py").write_text(text)
+        sys.modules.pop("userstages", None)
+        sys.path.insert(0, str(directory))
+        try:
+            return importlib.import_module("userstages")
+        finally:
+            sys.path.remove(str(directory))
+
+    yield load
+    sys.modules.pop("userstages", None)
+
+
+def digest(module: ModuleType, name: str = "scale") -> str:
+    return code_digest(getattr(module, name), "userstages")
+
+
+CHANGES = {
+    # What the stage computes: its body, a helper it calls, a constant it reads.
+    "the stage's body": ("_helper(value) + 1", "_helper(value) + 2", True),
+    "a helper it calls": ("return value * SCALE", "return value * SCALE * 1", True),
+    "a constant it reads": ("SCALE = 2.0", "SCALE = 2.5", True),
+    # What it does not: the source, the consumer, an unused constant, layout.
+    "the source function": ("[1.0, 2.0, 3.0]", "[1.0, 2.0, 3.0, 4.0]", False),
+    "the consumer": ("sum(results)", "sum(results) + 0", False),
+    "an unused constant": ('"not read by the stage"', '"still not read"', False),
+    "lines added above it": ("import functools\n", "import functools\n\n\n# a note\n", False),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_what_changes_a_stages_digest(load: Loader, change: str) -> None:
+    old, new, changes = CHANGES[change]
+    assert old in V1
+    before = digest(load(V1))
+    after = digest(load(V1.replace(old, new)))
+    assert (before != after) is changes
+
+
+def test_a_stage_that_is_not_a_plain_function_is_covered_by_its_whole_module(
+        load: Loader) -> None:
+    before = digest(load(V1), "scale_partial")
+    after = digest(load(V1.replace("[1.0, 2.0, 3.0]", "[1.0]")),
+                   "scale_partial")
+    assert before != after
+
+
+def test_the_digest_is_the_same_in_every_process(tmp_path: Path) -> None:
+    # Set order and hash seeds differ between processes; the digest must not.
+    (tmp_path / "userstages.py").write_text(V1)
+    script = ("import userstages; from mpipe.codedigest import code_digest; "
+              "print(code_digest(userstages.scale, 'userstages'))")
+    seen = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONHASHSEED": seed,
+                                "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}).stdout
+            for seed in ("1", "2", "3")}
+    assert len(seen) == 1 and len(seen.pop().strip()) == 16
