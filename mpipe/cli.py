@@ -1,8 +1,9 @@
 """The ``mpipe`` command line.  The one place that turns errors into exit codes.
 
 Exit codes: 0 all done; 1 some items failed; 2 config or usage error; 3 the
-pipeline broke; 74 output error (disk full, EIO); 75 another run holds the
-workdir; 130 / 143 interrupted by SIGINT / SIGTERM.
+pipeline broke; 70 a bug in mpipe (traceback printed); 74 output error (disk
+full, EIO); 75 another run holds the workdir; 130 / 143 interrupted by SIGINT /
+SIGTERM; 141 stdout closed early (``mpipe plan ... | head``).
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipe import __version__, logsetup
-from mpipe.errors import MpipeError, RunLockedError
+from mpipe.errors import InternalError, MpipeError, RunLockedError
 
 if TYPE_CHECKING:
     # Imported where used: `mpipe run` starts the forkserver before paying for
@@ -51,7 +54,8 @@ and of those and report:
   --log-format F    text (default) or json (one object per line)
 
 exit codes: 0 done, 1 items failed, 2 config/usage error, 3 pipeline broken,
-74 output error, 75 workdir locked by another run, 130/143 interrupted"""
+70 a bug in mpipe, 74 output error, 75 workdir locked by another run,
+130/143 interrupted"""
 
 
 def _positive_float(text: str) -> float:
@@ -260,12 +264,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             forkserver.start(fork=True)
         code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that left shows here, not at interpreter exit
     except MpipeError as exc:
         print(f"mpipe: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
         print("mpipe: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        # stdout's reader left (`mpipe plan ... | head`): nothing to say to it.
+        # stdout is pointed at /dev/null so that the exit's flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
+    except Exception:
+        traceback.print_exc()
+        print(f"mpipe: internal error: a bug in mpipe {__version__}; please report it with "
+              "the traceback above. Committed items are kept: the same command resumes.",
+              file=sys.stderr)
+        code = InternalError.exit_code
     sys.exit(code)
 
 
@@ -446,26 +462,34 @@ def cmd_run(args: argparse.Namespace) -> int:
                                quiet=args.quiet, interval_s=args.progress_interval)
     runner = Runner(loaded, fresh=args.fresh, log_level=getattr(logging, args.log_level),
                     prepare=prepare, limit=args.limit, progress=reporter)
+    # Every run leaves a report for cron and monitoring, even one that could not
+    # start.  Not in the default place when the workdir is locked: that one
+    # belongs to the run holding the lock.
+    targets = [runner.paths.default_report] + ([args.report] if args.report else [])
     try:
         with runner:
             result = runner.run()
-    except MpipeError as exc:
-        # The run could not start (workdir locked, outputs unwritable): cron
-        # and monitoring still get a report.  Not the default one when the
-        # workdir is locked: that belongs to the run holding the lock.
+    except MpipeError as exc:  # the run could not start (locked, outputs unwritable)
         failed = RunResult(status="not_started", error=exc)
-        doc = report.build(loaded, failed, exc.exit_code, started)
-        if not isinstance(exc, RunLockedError):
-            report.write(doc, runner.paths.default_report)
-        if args.report:
-            report.write(doc, args.report)
+        own = targets[1:] if isinstance(exc, RunLockedError) else targets
+        _write_reports(report.build(loaded, failed, exc.exit_code, started), own)
+        raise
+    except Exception as exc:  # a bug: say so in the report, not leave the last run's
+        bug = InternalError(f"{type(exc).__name__}: {exc}")
+        try:
+            doc = report.build(loaded, RunResult(status="internal_error", error=bug),
+                               bug.exit_code, started)
+        except Exception:
+            pass  # the report's own code may be what failed
+        else:
+            _write_reports(doc, targets)
         raise
     error = result.error
     exit_code = error.exit_code if error else 0
     doc = report.build(loaded, result, exit_code, started, prepare_s=runner.prepare_s)
-    report.write(doc, runner.paths.default_report)
-    if args.report:
-        report.write(doc, args.report)
+    unwritten = _write_reports(doc, targets)
+    if error is None and unwritten is not None:
+        exit_code = unwritten.exit_code  # all went well but the report (printed above)
     if not args.quiet:
         console = _console()
         console.print(report.render_summary(doc, ascii_only=not console.is_terminal))
@@ -473,6 +497,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if error is not None:
         print(f"mpipe: error: {error}", file=sys.stderr)
     return exit_code
+
+
+def _write_reports(doc: dict[str, Any], targets: list[Path]) -> MpipeError | None:
+    """Write the report to each target; print and return the first failure, if any."""
+    from mpipe import report
+
+    failed = None
+    for target in targets:
+        try:
+            report.write(doc, target)
+        except MpipeError as exc:
+            print(f"mpipe: error: {exc}", file=sys.stderr)
+            failed = failed or exc
+    return failed
 
 
 def cmd_report(args: argparse.Namespace) -> int:

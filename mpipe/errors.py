@@ -98,6 +98,17 @@ class PipelineBrokenError(MpipeError):
     exit_code = 3
 
 
+class InternalError(MpipeError):
+    """A bug in mpipe: an exception it did not expect (exit 70, EX_SOFTWARE).
+
+    Not exit 1, which says "some items failed" to whoever reads exit codes;
+    the traceback is printed for the bug report.  What was committed stays
+    committed: the runner tears the run down on the way out.
+    """
+
+    exit_code = 70
+
+
 class InterruptedRunError(MpipeError):
     """The run was stopped by SIGINT or SIGTERM (exit 128 + signal number).
 

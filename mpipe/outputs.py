@@ -146,4 +146,6 @@ def output_error(exc: OSError, path: Path, action: str) -> OutputError:
         hint = "the disk reported an IO error; check it (dmesg) before trusting any output"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = "make the directory writable, or point workdir elsewhere"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        hint = "a file is where a directory is needed: move it away"
     return OutputError(f"cannot {action} {path}: {reason}", hint=hint)

@@ -23,6 +23,7 @@ from mpipe import analysis
 from mpipe.config import LoadedConfig
 from mpipe.cores import usable_cores
 from mpipe.errors import ConfigError
+from mpipe.outputs import output_error
 from mpipe.runner import RunResult
 from mpipe.state import installed_version, versions
 
@@ -86,12 +87,20 @@ def build(loaded: LoadedConfig, result: RunResult, exit_code: int, started_at: f
 
 
 def write(report: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the report whole (a temporary file renamed), or raise :class:`OutputError`."""
     tmp = path.with_name(f"{path.name}.mpipe-tmp-{os.getpid()}")
-    # Not indented: json's C encoder runs only without indent, and a
-    # 10,000-item timeline took 0.35 s with it (`jq .` pretty-prints).
-    tmp.write_text(json.dumps(report) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not indented: json's C encoder runs only without indent, and a
+        # 10,000-item timeline took 0.35 s with it (`jq .` pretty-prints).
+        tmp.write_text(json.dumps(report) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise output_error(exc, Path(exc.filename or path), "write the report") from None
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from mpipe.errors import RunLockedError
+from mpipe.outputs import output_error
 
 
 class RunLock:
@@ -22,11 +23,17 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # the workdir is not writable: the first write of a run
+            raise output_error(exc, Path(exc.filename or self.path), "write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as exc:
+            if not isinstance(exc, BlockingIOError):  # ENOLCK: an NFS without locks
+                os.close(fd)
+                raise output_error(exc, self.path, "lock") from None
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunLockedError(

@@ -65,7 +65,9 @@ import functools
 import logging
 import signal
 import socket
+import sqlite3
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -189,7 +191,15 @@ class Runner:
                 t = time.monotonic()
                 ctx = SourceContext(dict(self.config.params), self.paths.workdir,
                                     self.config.allow_outside_workdir)
-                imports.call_with_optional_context(self._prepare, ctx=ctx)
+                try:
+                    imports.call_with_optional_context(self._prepare, ctx=ctx)
+                except Exception as exc:
+                    name = self.config.prepare.fn if self.config.prepare else "prepare"
+                    raise PipelineBrokenError(
+                        f"the prepare function {name} raised "
+                        f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+                        hint="nothing was started; fix what it needs, then run the "
+                        "same command again") from exc
                 self.prepare_s = time.monotonic() - t
             # After prepare: a user's prepare may fork, which a process with a
             # thread starting a cluster should not do.
@@ -207,12 +217,16 @@ class Runner:
         self._teardown(grace_s=0 if exc is not None else self.config.shutdown_grace_s)
 
     def _prepare_workdir(self) -> None:
-        removed = outputs.remove_leftovers(self.paths.workdir)
+        try:
+            removed = outputs.remove_leftovers(self.paths.workdir)
+            if self.fresh and self.paths.ledger.exists():
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{self.paths.ledger}{suffix}").unlink(missing_ok=True)
+        except OSError as exc:
+            raise outputs.output_error(exc, Path(exc.filename or self.paths.workdir),
+                                       "remove") from None
         if removed:
             logger.warning("removed %d temporary file(s) left by an interrupted run", len(removed))
-        if self.fresh and self.paths.ledger.exists():
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{self.paths.ledger}{suffix}").unlink(missing_ok=True)
         # Found now, before any compute starts, not after an hour of work.
         outputs.check_writable(self.paths.results.parent)
         outputs.check_writable(self.paths.ledger.parent)
@@ -221,7 +235,13 @@ class Runner:
         # Create the ledger's schema before any child starts: the producer
         # reads it while the writer opens it, and must never see a half-made
         # database.  Closed at once: no connection crosses into a child.
-        Ledger(self.paths.ledger, fsync=self.config.fsync).close()
+        try:
+            Ledger(self.paths.ledger, fsync=self.config.fsync).close()
+        except sqlite3.Error as exc:  # not a database, locked, disk full
+            raise OutputError(
+                f"cannot open the resume ledger {self.paths.ledger}: {exc}",
+                hint="if it is damaged, move it away (or run with --fresh): its items "
+                "are then computed again") from None
 
     def _install_signal_handlers(self) -> None:
         self._wake_r.setblocking(False)

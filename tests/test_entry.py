@@ -71,3 +71,48 @@ def test_only_mpipe_bench_pays_for_the_bench_s_arguments(tmp_path: Path) -> None
     assert seen == {"run": "False", "validate": "False", "bench": "True"}
     usage = _run([CONSOLE_SCRIPT, "bench", "--help"], cwd=tmp_path)
     assert usage.returncode == 0 and "--pairs" in usage.stdout
+
+
+def test_a_bug_in_mpipe_exits_70_with_its_traceback_and_keeps_the_work(tmp_path: Path) -> None:
+    # An exception mpipe does not expect (a bug) must not exit 1, which cron
+    # wrappers read as "some items failed": it exits 70 (EX_SOFTWARE) with the
+    # traceback to report, the report says so (not the last run's), and what the
+    # run committed stays committed.
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0)
+    assert _run([CONSOLE_SCRIPT, "run", cfg, "--quiet"], cwd=tmp_path).returncode == 0
+    launcher = tmp_path / "mpipe_with_a_bug.py"
+    launcher.write_text(
+        "from mpipe.runner import Runner\n"
+        "finish = Runner.run\n"
+        "def run(self):\n"
+        "    finish(self)\n"
+        "    raise RuntimeError('a simulated bug after the run')\n"
+        "Runner.run = run\n"
+        "from mpipe.cli import entry\n"
+        "entry()\n")
+    proc = _run([sys.executable, launcher, "run", cfg, "--quiet", "--fresh"], cwd=tmp_path)
+    assert proc.returncode == 70, proc.stderr
+    assert "Traceback" in proc.stderr and "a simulated bug after the run" in proc.stderr
+    assert "internal error" in proc.stderr, proc.stderr
+    report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
+    assert report["status"] == "internal_error" and report["exit_code"] == 70
+    assert "a simulated bug after the run" in report["error"]
+    check_against_reference(tmp_path, 3, 0)
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path: Path) -> None:
+    # `mpipe plan CONFIG | head -1`: the pipe closes; no traceback, the shell's
+    # code for a writer ended by SIGPIPE.
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    read, write = os.pipe()
+    os.close(read)
+    # Buffered, as stdout to a pipe is unless PYTHONUNBUFFERED is set: the
+    # write then fails at a flush, not at the print.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([str(CONSOLE_SCRIPT), "plan", str(cfg)], cwd=tmp_path, stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=100,
+                          env={**env, "PYTHONPATH": str(REPO)})
+    os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == "", proc.stderr

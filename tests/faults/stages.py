@@ -146,3 +146,8 @@ _kept: list[_WritesWhenFinalized] = []
 def prepare_with_finalizer(ctx: StageContext) -> None:
     """A prepare whose object is only finalized when the interpreter exits."""
     _kept.append(_WritesWhenFinalized(str(ctx.path("finalized.txt"))))
+
+
+def prepare_that_raises(ctx: StageContext) -> None:
+    """A prepare that fails, as one whose download or database is down does."""
+    raise ConnectionError("the archive server refused the connection")

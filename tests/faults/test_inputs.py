@@ -136,3 +136,53 @@ def test_eio_on_fsync_is_fatal_and_leaves_no_output(tmp_path: Path) -> None:
                   "--set", "stages.compute.fn=mpipe.workloads.notes:process_task")
     assert again.returncode == 0, again.stderr
     check_against_reference(tmp_path, 3, 0)
+
+
+def test_a_prepare_that_raises_is_a_broken_pipeline_not_a_traceback(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0,
+                       extra="prepare: {fn: tests.faults.stages:prepare_that_raises}\n")
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 3, proc.stderr
+    assert "prepare" in proc.stderr and "ConnectionError" in proc.stderr, proc.stderr
+    assert "the archive server refused the connection" in proc.stderr
+    assert "Traceback" in proc.stderr  # the user's, to find the line: not mpipe's own
+    assert "mpipe/cli.py" not in proc.stderr, proc.stderr
+    doc = report(tmp_path)
+    assert doc["status"] == "not_started" and doc["exit_code"] == 3
+    assert not (tmp_path / "results.h5").exists()
+
+
+def test_a_workdir_whose_state_directory_cannot_be_made_exits_74(tmp_path: Path) -> None:
+    # Root ignores permissions (these tests may run as root): a file where
+    # mpipe's state directory should be fails the same way an unwritable
+    # workdir does, at the first mkdir.
+    make_inputs(tmp_path, 2)
+    (tmp_path / ".mpipe").write_text("not a directory")
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 74, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert str(tmp_path / ".mpipe") in proc.stderr, proc.stderr
+    assert "a file is where a directory is needed" in proc.stderr, proc.stderr
+    assert (tmp_path / ".mpipe").read_text() == "not a directory"  # left as it was
+    assert not (tmp_path / "output").exists() and not (tmp_path / "results.h5").exists()
+
+
+def test_a_damaged_resume_ledger_exits_74_and_names_it(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    assert mpipe("run", cfg).returncode == 0
+    ledger = tmp_path / ".mpipe/notes/ledger.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+    ledger.write_bytes(b"this is not an SQLite database" * 100)
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 74, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert str(ledger) in proc.stderr and "--fresh" in proc.stderr, proc.stderr
+    assert report(tmp_path)["status"] == "not_started"
+    check_against_reference(tmp_path, 2, 0)  # the last complete results, untouched
+    # As the hint says: --fresh computes everything again.
+    assert mpipe("run", cfg, "--fresh").returncode == 0
+    check_against_reference(tmp_path, 2, 0)
