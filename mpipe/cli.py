@@ -247,6 +247,7 @@ def _exit_now(code: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    _streams_that_exist()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
@@ -283,6 +284,15 @@ def main(argv: Sequence[str] | None = None) -> None:
               file=sys.stderr)
         code = InternalError.exit_code
     sys.exit(code)
+
+
+def _streams_that_exist() -> None:
+    """Started with stdout or stderr closed (a cron line ending in ``>&- 2>&-``),
+    Python has None for them and every print would raise: they go to /dev/null,
+    as ``>/dev/null`` would have sent them."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (kept for the run)
 
 
 def _console() -> Console:

@@ -116,3 +116,23 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path: Path) -> None:
     os.close(write)
     assert proc.returncode == 141, proc.stderr
     assert proc.stderr == "", proc.stderr
+
+
+def test_a_cron_line_that_closes_stdout_and_stderr_still_runs(tmp_path: Path) -> None:
+    # `mpipe run x.yaml >&- 2>&-` (no --quiet): Python has no sys.stdout then, and
+    # the progress display, the summary and every error message would raise.
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0)
+    proc = subprocess.run(["sh", "-c", f'exec "{CONSOLE_SCRIPT}" run "{cfg}" >&- 2>&-'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=100,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0
+    report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
+    assert report["status"] == "complete"
+    check_against_reference(tmp_path, 3, 0)
+    # And a failure is still told by its exit code.
+    bad = subprocess.run(["sh", "-c", f'exec "{CONSOLE_SCRIPT}" run "{cfg}" '
+                          '--set stages.compute.workers=0 >&- 2>&-'],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=100,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert bad.returncode == 2
