@@ -65,19 +65,47 @@ def code_digest(fn: Callable[..., Any], module_name: str) -> str:
 
 
 def _source(function: types.FunctionType) -> bytes:
-    try:
-        return inspect.getsource(function).encode()
-    except (OSError, TypeError):  # no source file (a .pyc alone, made at run time)
-        return function.__code__.co_code
+    """The function's lines of its source file, decorators included.
+
+    Found from the code object's own line numbers (``co_firstlineno`` and the
+    last ``end_lineno`` of its instructions and its nested functions'), not
+    ``inspect.getsource``, whose tokenizing took 10 ms of the name check,
+    which every run waits for.  Comments after its last statement are not
+    part of it, and do not change what it computes.
+    """
+    code = function.__code__
+    lines = _file_lines(code.co_filename)
+    last = max((end for each in _codes(code) for *_, end, _, _ in each.co_positions()
+                if end is not None), default=0)
+    if not lines or last < code.co_firstlineno:  # no source file: a .pyc alone, exec()
+        return code.co_code
+    return b"".join(lines[code.co_firstlineno - 1:last])
+
+
+def _codes(code: types.CodeType) -> list[types.CodeType]:
+    """A code object and the code of the functions, lambdas and classes inside it."""
+    found = [code]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found += _codes(const)
+    return found
+
+
+_lines: dict[str, list[bytes]] = {}
+
+
+def _file_lines(filename: str) -> list[bytes]:
+    if filename not in _lines:
+        try:
+            _lines[filename] = Path(filename).read_bytes().splitlines(keepends=True)
+        except OSError:
+            _lines[filename] = []
+    return _lines[filename]
 
 
 def _global_names(code: types.CodeType) -> set[str]:
     """The global (or attribute) names a function's code and its nested code use."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
+    return {name for each in _codes(code) for name in each.co_names}
 
 
 def _is_constant(value: object) -> bool:
