@@ -13,9 +13,10 @@ values of the simple module-level constants it names (numbers, strings,
 tuples of them).  Not the rest of the module: adding items to a source
 function or editing the consumer in the same file must not redo every item.
 Not other modules it imports, nor data it reads other than its ``inputs``:
-after changing those, ``--fresh``.  A stage that is not a plain function (a
-``functools.partial``, a callable object) is covered by its module's whole
-source file instead.
+after changing those, ``--fresh``.  A decorated stage counts with its
+wrappers (``functools.wraps``' ``__wrapped__`` chain).  A stage that is not a
+plain function (a ``functools.partial``, a callable object) is covered by its
+module's whole source file instead.
 
 Source text, not bytecode: bytecode changes with every Python version, and a
 Python upgrade must not redo a finished month of work.
@@ -24,7 +25,6 @@ Python upgrade must not redo a finished month of work.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -39,11 +39,15 @@ def code_digest(fn: Callable[..., Any], module_name: str) -> str:
     """A digest of ``fn``'s code, as described above; ``module_name`` is where the
     config names it (``module:function``)."""
     digest = hashlib.sha256()
-    target = inspect.unwrap(fn)
-    if not isinstance(target, types.FunctionType):
+    # A decorated stage: the wrappers too (functools.wraps' __wrapped__ chain), as
+    # they may change what it returns.
+    chain: list[object] = [fn]
+    while hasattr(chain[-1], "__wrapped__") and len(chain) < 100:
+        chain.append(chain[-1].__wrapped__)
+    todo = [f for f in chain if isinstance(f, types.FunctionType)]
+    if not todo:
         digest.update(_module_source(module_name))
         return digest.hexdigest()[:16]
-    todo: list[types.FunctionType] = [target]
     seen: set[types.CodeType] = set()
     while todo:
         function = todo.pop()

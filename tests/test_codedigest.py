@@ -95,6 +95,30 @@ def test_what_changes_a_stages_digest(load: Loader, change: str) -> None:
     assert (before != after) is changes
 
 
+def test_the_last_line_of_a_long_expression_and_a_decorated_stage(load: Loader) -> None:
+    # The function's lines end at its last instruction's end (co_positions), not
+    # at the line where its last statement starts; a decorator's wrapper counts
+    # as well as the function it wraps.
+    text = V1 + textwrap.dedent("""\
+
+        def traced(fn):
+            @functools.wraps(fn)
+            def wrapper(value):
+                return fn(value)
+            return wrapper
+
+
+        @traced
+        def spread(value):
+            return (value
+                    * 2.0)
+        """)
+    before = digest(load(text), "spread")
+    assert digest(load(text.replace("* 2.0)", "* 2.5)")), "spread") != before
+    assert digest(load(text.replace("return fn(value)", "return fn(value) + 1")),
+                  "spread") != before
+
+
 def test_a_stage_that_is_not_a_plain_function_is_covered_by_its_whole_module(
         load: Loader) -> None:
     before = digest(load(V1), "scale_partial")
