@@ -3,9 +3,10 @@
 A finished item is skipped by the next run only if its fingerprint is the one
 it was committed with (:func:`mpipe.state.config_fingerprint`).  With the
 stage's code in it, the fix of a bug in a stage redoes its items (all of
-them: whether the bug touched one is not known), as joblib's ``Memory`` (the function's code), Snakemake (a rule's
-code) and DVC (code files as dependencies) redo work whose code changed;
-without it they would stay "done" with wrong results.
+them: whether the bug touched one is not known), as joblib's ``Memory`` (the
+function's code), Snakemake (a rule's code) and DVC (code files as
+dependencies) redo work whose code changed; without it they would stay
+"done" with wrong results.
 
 The digest covers the source text of the stage function and, transitively, of
 the functions of its own module that it names (the helpers beside it), and the
