@@ -8,68 +8,139 @@ function's code), Snakemake (a rule's code) and DVC (code files as
 dependencies) redo work whose code changed; without it they would stay
 "done" with wrong results.
 
-The digest covers the source text of the stage function and, transitively, of
-the functions of its own module that it names (the helpers beside it), and the
-values of the simple module-level constants it names (numbers, strings,
-tuples of them).  Not the rest of the module: adding items to a source
-function or editing the consumer in the same file must not redo every item.
-Not other modules it imports, nor data it reads other than its ``inputs``:
-after changing those, ``--fresh``.  A decorated stage counts with its
-wrappers (``functools.wraps``' ``__wrapped__`` chain).  A stage that is not a
-plain function (a ``functools.partial``, a callable object) is covered by its
-module's whole source file instead.
+The digest follows what the stage function can reach in its own module: its
+source lines, its default arguments and closure, and then, for every global
+name its code uses, the functions (through decorators: ``functools.wraps``'
+``__wrapped__``), the classes (their methods and simple attributes) and the
+simple constants (numbers, strings, tuples of them) of that module; a
+decorator's wrapper counts too.  Not the rest of the module: adding items to
+a source function or editing the consumer in the same file must not redo
+every item.  Not other modules it imports, nor values that are not simple
+constants (a dict, an array), nor data it reads other than its ``inputs``:
+after changing those, ``--fresh``.  A stage that is not a function at all (a
+``functools.partial``, a callable object) is covered by its module's whole
+source file instead.
 
 Source text, not bytecode: bytecode changes with every Python version, and a
-Python upgrade must not redo a finished month of work.
+Python upgrade must not redo a finished month of work.  Line endings are
+normalised (a CRLF checkout is the same code).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Module-level values whose repr is their value (and stable between runs).
-_CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None))
+# Values whose repr, taken as the base type, is their value and the same in every run.
+_CONSTANT_TYPES = (bool, int, float, complex, str, bytes)
 
 
 def code_digest(fn: Callable[..., Any], module_name: str) -> str:
     """A digest of ``fn``'s code, as described above; ``module_name`` is where the
     config names it (``module:function``)."""
-    digest = hashlib.sha256()
-    # A decorated stage: the wrappers too (functools.wraps' __wrapped__ chain), as
-    # they may change what it returns.
-    chain: list[object] = [fn]
+    functions = [f for f in _unwrapped(fn) if isinstance(f, types.FunctionType)]
+    if not functions:
+        return hashlib.sha256(_module_source(module_name)).hexdigest()[:16]
+    return _Walk(functions[-1].__globals__).digest(functions)
+
+
+class _Walk:
+    """Everything one stage reaches in its own module (``home``: its globals)."""
+
+    def __init__(self, home: dict[str, Any]) -> None:
+        self.home = home
+        self.hash = hashlib.sha256()
+        self.seen: set[int] = set()  # ids, only while the walk runs (never hashed)
+
+    def digest(self, roots: list[types.FunctionType]) -> str:
+        for function in roots:  # the stage and its wrappers, wherever those live
+            self.function(function)
+        return self.hash.hexdigest()[:16]
+
+    def add(self, *parts: str | bytes) -> None:
+        for part in parts:
+            self.hash.update(b"\0" + (part.encode() if isinstance(part, str) else part))
+
+    def function(self, function: types.FunctionType) -> None:
+        if id(function) in self.seen:
+            return
+        self.seen.add(id(function))
+        code = function.__code__
+        self.add(f"def {function.__qualname__}", _source(code))
+        self.value("defaults", function.__defaults__)
+        self.value("kwdefaults", tuple(sorted((function.__kwdefaults__ or {}).items())))
+        for name, cell in zip(code.co_freevars, function.__closure__ or (), strict=False):
+            try:
+                self.value(name, cell.cell_contents)
+            except ValueError:  # an empty cell: a name assigned after the def
+                pass
+        # Only names the function's own module defines (builtins and attribute
+        # names that are not globals are skipped), looked up in its dict: a
+        # module's __getattr__ is never called.
+        for name in sorted(_global_names(code)):
+            if name in function.__globals__:
+                self.value(name, function.__globals__[name])
+
+    def value(self, name: str, value: object) -> None:
+        constant = _constant(value)
+        if constant is not None:
+            self.add(f"{name}={constant}")
+        elif isinstance(value, tuple):  # defaults with functions in them
+            for i, each in enumerate(value):
+                self.value(f"{name}[{i}]", each)
+        elif isinstance(value, type):
+            if getattr(sys.modules.get(value.__module__), "__dict__", None) is self.home:
+                self.cls(value)
+        else:
+            # Functions of this module, also behind a decorator (lru_cache, or one
+            # from another module that used functools.wraps).
+            for inner in _unwrapped(value):
+                if isinstance(inner, types.FunctionType) and inner.__globals__ is self.home:
+                    self.function(inner)
+
+    def cls(self, cls: type) -> None:
+        if id(cls) in self.seen:
+            return
+        self.seen.add(id(cls))
+        self.add(f"class {cls.__qualname__}")
+        for name, member in sorted(vars(cls).items()):
+            if isinstance(member, staticmethod | classmethod):
+                member = member.__func__
+            if isinstance(member, property):
+                member = member.fget
+            self.value(f"{cls.__qualname__}.{name}", member)
+
+
+def _unwrapped(value: object) -> list[object]:
+    """``value`` and what it wraps (``__wrapped__``, as functools.wraps sets it)."""
+    chain = [value]
     while hasattr(chain[-1], "__wrapped__") and len(chain) < 100:
         chain.append(chain[-1].__wrapped__)
-    todo = [f for f in chain if isinstance(f, types.FunctionType)]
-    if not todo:
-        digest.update(_module_source(module_name))
-        return digest.hexdigest()[:16]
-    seen: set[types.CodeType] = set()
-    while todo:
-        function = todo.pop()
-        if function.__code__ in seen:
-            continue
-        seen.add(function.__code__)
-        digest.update(f"\0{function.__module__}:{function.__qualname__}\0".encode())
-        digest.update(_source(function))
-        module = sys.modules.get(function.__module__)
-        names = sorted(_global_names(function.__code__))
-        for name in names:
-            value = getattr(module, name, None)
-            if (isinstance(value, types.FunctionType)
-                    and value.__module__ == function.__module__):
-                todo.append(value)
-            elif _is_constant(value):
-                digest.update(f"\0{name}={value!r}".encode())
-    return digest.hexdigest()[:16]
+    return chain
 
 
-def _source(function: types.FunctionType) -> bytes:
+def _constant(value: object) -> str | None:
+    """The repr of a simple constant (of its base type: numpy 2's float64 repr is
+    "np.float64(1.0)", numpy 1's "1.0"), or None."""
+    if value is None:
+        return "None"
+    for kind in _CONSTANT_TYPES:
+        if isinstance(value, kind):
+            as_base: object = kind(value)  # type: ignore[arg-type]
+            return repr(as_base)
+    if isinstance(value, tuple):
+        parts = [_constant(each) for each in value]
+        if all(part is not None for part in parts):
+            return "(" + ", ".join(str(part) for part in parts) + ")"
+    return None
+
+
+def _source(code: types.CodeType) -> bytes:
     """The function's lines of its source file, decorators included.
 
     Found from the code object's own line numbers (``co_firstlineno`` and the
@@ -78,13 +149,26 @@ def _source(function: types.FunctionType) -> bytes:
     which every run waits for.  Comments after its last statement are not
     part of it, and do not change what it computes.
     """
-    code = function.__code__
     lines = _file_lines(code.co_filename)
     last = max((end for each in _codes(code) for *_, end, _, _ in each.co_positions()
                 if end is not None), default=0)
-    if not lines or last < code.co_firstlineno:  # no source file: a .pyc alone, exec()
-        return code.co_code
+    if not lines or last < code.co_firstlineno:  # no source: a .pyc alone, exec()
+        return _compiled(code)
     return b"".join(lines[code.co_firstlineno - 1:last])
+
+
+def _compiled(code: types.CodeType) -> bytes:
+    """Without source: the bytecode with its constants and names (``v * 2`` and
+    ``v * 3`` differ only in a constant)."""
+    parts = [code.co_code, repr(code.co_names).encode()]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            parts.append(_compiled(const))
+        elif isinstance(const, frozenset):  # `x in {"a", "b"}`: its repr's order varies
+            parts.append(repr(sorted(map(repr, const))).encode())
+        else:
+            parts.append(repr(const).encode())
+    return b"\0".join(parts)
 
 
 def _codes(code: types.CodeType) -> list[types.CodeType]:
@@ -96,34 +180,36 @@ def _codes(code: types.CodeType) -> list[types.CodeType]:
     return found
 
 
-_lines: dict[str, list[bytes]] = {}
-
-
-def _file_lines(filename: str) -> list[bytes]:
-    if filename not in _lines:
-        try:
-            _lines[filename] = Path(filename).read_bytes().splitlines(keepends=True)
-        except OSError:
-            _lines[filename] = []
-    return _lines[filename]
-
-
 def _global_names(code: types.CodeType) -> set[str]:
     """The global (or attribute) names a function's code and its nested code use."""
     return {name for each in _codes(code) for name in each.co_names}
 
 
-def _is_constant(value: object) -> bool:
-    if isinstance(value, tuple):  # not sets: their repr's order changes between runs
-        return all(_is_constant(v) for v in value)
-    return isinstance(value, _CONSTANT_TYPES)
+# A file's lines, until it changes (a long-lived process: tests, a notebook).
+_lines: dict[str, tuple[tuple[int, int], list[bytes]]] = {}
+
+
+def _file_lines(filename: str) -> list[bytes]:
+    try:
+        stat = os.stat(filename)
+    except OSError:
+        return []
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _lines.get(filename)
+    if cached is None or cached[0] != version:
+        try:
+            text = Path(filename).read_bytes().replace(b"\r\n", b"\n")
+        except OSError:
+            return []
+        cached = _lines[filename] = (version, text.splitlines(keepends=True))
+    return cached[1]
 
 
 def _module_source(module_name: str) -> bytes:
     source = getattr(sys.modules.get(module_name), "__file__", None)
     if source:
         try:
-            return Path(source).read_bytes()
+            return Path(source).read_bytes().replace(b"\r\n", b"\n")
         except OSError:
             pass
     return module_name.encode()

@@ -127,14 +127,105 @@ def test_a_stage_that_is_not_a_plain_function_is_covered_by_its_whole_module(
     assert before != after
 
 
+# What else a stage reaches in its own module, each edited once below.
+REACH = textwrap.dedent("""\
+    import contextlib
+    import functools
+
+    FACTOR = 2.0
+    NAMES = ("a", "b")
+
+
+    @functools.lru_cache(maxsize=None)
+    def cached(value):
+        return value * 2.0
+
+
+    @contextlib.contextmanager
+    def opened(value):
+        yield value * 2.0
+
+
+    class Scaler:
+        offset = 1.0
+
+        def apply(self, value):
+            return value * 2.0 + self.offset
+
+
+    def make(k):
+        def inner(value):
+            return value * k
+        return inner
+
+
+    made = make(3.0)
+
+
+    def stage(value, factor=FACTOR):
+        with opened(value) as v:
+            return cached(v) + Scaler().apply(v) * factor + made(value) + len(NAMES)
+    """)
+
+REACHED = {
+    "a default argument's constant": ("FACTOR = 2.0", "FACTOR = 2.5"),
+    "a helper behind lru_cache": ("return value * 2.0\n\n\n@contextlib",
+                                  "return value * 2.5\n\n\n@contextlib"),
+    "a helper behind a decorator from another module": ("yield value * 2.0", "yield value * 2.5"),
+    "a method of a class it uses": ("value * 2.0 + self.offset", "value * 2.5 + self.offset"),
+    "a class attribute": ("offset = 1.0", "offset = 1.5"),
+    "a closure's value": ("make(3.0)", "make(3.5)"),
+    "a tuple constant": ('NAMES = ("a", "b")', 'NAMES = ("a", "b", "c")'),
+}
+
+
+@pytest.mark.parametrize("change", REACHED)
+def test_what_a_stage_reaches_changes_its_digest(load: Loader, change: str) -> None:
+    old, new = REACHED[change]
+    assert REACH.count(old) == 1
+    assert digest(load(REACH), "stage") != digest(load(REACH.replace(old, new)), "stage")
+
+
+def test_line_endings_and_a_reread_file(load: Loader, tmp_path: Path) -> None:
+    # A CRLF checkout is the same code; a file rewritten in place (a notebook,
+    # a test) is read again, not taken from a cache of the old lines.
+    assert digest(load(V1)) == digest(load(V1.replace("\n", "\r\n")))
+    directory = tmp_path / "inplace"
+    directory.mkdir()
+    module = directory / "userstages.py"
+    module.write_text(V1)
+    sys.path.insert(0, str(directory))
+    try:
+        sys.modules.pop("userstages", None)
+        before = digest(importlib.import_module("userstages"))
+        module.write_text(V1.replace("_helper(value) + 1", "_helper(value) + 10"))
+        sys.modules.pop("userstages", None)
+        importlib.invalidate_caches()
+        assert digest(importlib.import_module("userstages")) != before
+    finally:
+        sys.path.remove(str(directory))
+
+
+def test_a_stage_without_a_source_file_is_digested_with_its_constants() -> None:
+    def made(factor: int) -> Callable[..., object]:
+        namespace: dict[str, Callable[..., object]] = {}
+        exec(compile(f"def stage(v):\n    return v * {factor}\n", "<generated>", "exec"),
+             namespace)
+        return namespace["stage"]
+
+    assert code_digest(made(2), "x") != code_digest(made(3), "x")
+    assert code_digest(made(2), "x") == code_digest(made(2), "x")
+
+
 def test_the_digest_is_the_same_in_every_process(tmp_path: Path) -> None:
-    # Set order and hash seeds differ between processes; the digest must not.
-    (tmp_path / "userstages.py").write_text(V1)
+    # Set order and hash seeds differ between processes; the digest must not:
+    # a stage that reaches several helpers, constants, a class and a closure.
+    (tmp_path / "userstages.py").write_text(REACH)
     script = ("import userstages; from mpipe.codedigest import code_digest; "
-              "print(code_digest(userstages.scale, 'userstages'))")
+              "print(code_digest(userstages.stage, 'userstages'))")
     seen = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                           check=True, cwd=tmp_path,
+                           check=True, cwd=tmp_path, timeout=60,
                            env={**os.environ, "PYTHONHASHSEED": seed,
                                 "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}).stdout
-            for seed in ("1", "2", "3")}
+            for seed in ("1", "2", "3", "4", "5")}
     assert len(seen) == 1 and len(seen.pop().strip()) == 16
