@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
+import select
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipe import __version__, logsetup
-from mpipe.errors import InternalError, MpipeError, RunLockedError
+from mpipe.errors import InternalError, MpipeError, OutputError, RunLockedError
 
 if TYPE_CHECKING:
     # Imported where used: `mpipe run` starts the forkserver before paying for
@@ -272,27 +275,73 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("mpipe: interrupted", file=sys.stderr)
         code = 130
-    except BrokenPipeError:
-        # stdout's reader left (`mpipe plan ... | head`): nothing to say to it.
-        # stdout is pointed at /dev/null so that the exit's flush is quiet.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 128 + signal.SIGPIPE
+    except OSError as exc:
+        code = _stdout_failed(exc)
     except Exception:
-        traceback.print_exc()
-        print(f"mpipe: internal error: a bug in mpipe {__version__}; please report it with "
-              "the traceback above. Committed items are kept: the same command resumes.",
-              file=sys.stderr)
-        code = InternalError.exit_code
+        code = _internal_error()
     sys.exit(code)
 
 
+def _stdout_failed(exc: OSError) -> int:
+    """An OSError out of a command that mpipe did not turn into one of its errors."""
+    if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+        # `mpipe plan ... | head`: the reader left; nothing to say to it.  stdout
+        # goes to /dev/null so that the exit's own flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    if exc.errno in OUTPUT_ERRNOS:
+        # A full or failing disk under a write mpipe has no message for, most
+        # often stdout's (`> /dev/full`, `> log` on a full disk).
+        if exc.filename is None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"mpipe: error: cannot write to {exc.filename or 'standard output'}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return OutputError.exit_code
+    return _internal_error()
+
+
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll says POLLERR)."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _internal_error() -> int:
+    traceback.print_exc()
+    print(f"mpipe: internal error: a bug in mpipe {__version__}; please report it with "
+          "the traceback above. Committed items are kept: the same command resumes.",
+          file=sys.stderr)
+    return InternalError.exit_code
+
+
 def _streams_that_exist() -> None:
-    """Started with stdout or stderr closed (a cron line ending in ``>&- 2>&-``),
-    Python has None for them and every print would raise: they go to /dev/null,
-    as ``>/dev/null`` would have sent them."""
-    for name in ("stdout", "stderr"):
+    """Started with stdin, stdout or stderr closed (a cron line ending in ``>&-
+    2>&-``), Python has None for them and every print would raise, and the next
+    file or pipe opened would take their descriptor: a child writing to "its
+    stderr" would write into it.  They are pointed at /dev/null, as ``>/dev/null``
+    would have, before anything else is opened."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)  # inheritable, as 0-2 are
+                os.close(null)
+            else:
+                os.set_inheritable(fd, True)  # os.open's are not: children need it
+    for name, fd in (("stdout", 1), ("stderr", 2)):
         if getattr(sys, name) is None:
-            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (kept for the run)
+            setattr(sys, name, open(fd, "w", closefd=False))  # noqa: SIM115 (kept for the run)
 
 
 def _console() -> Console:

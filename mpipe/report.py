@@ -100,7 +100,7 @@ def write(report: dict[str, Any], path: Path) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise output_error(exc, Path(exc.filename or path), "write the report") from None
+        raise output_error(exc, path, "write the report") from None
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -193,6 +193,8 @@ class Runner:
                                     self.config.allow_outside_workdir)
                 try:
                     imports.call_with_optional_context(self._prepare, ctx=ctx)
+                except MpipeError:
+                    raise  # a path outside the workdir, ...: its own message and code
                 except Exception as exc:
                     name = self.config.prepare.fn if self.config.prepare else "prepare"
                     raise PipelineBrokenError(
@@ -240,8 +242,8 @@ class Runner:
         except sqlite3.Error as exc:  # not a database, locked, disk full
             raise OutputError(
                 f"cannot open the resume ledger {self.paths.ledger}: {exc}",
-                hint="if it is damaged, move it away (or run with --fresh): its items "
-                "are then computed again") from None
+                hint="if another program holds it, wait; if it is damaged, move it away "
+                "(or run with --fresh): its items are then computed again") from None
 
     def _install_signal_handlers(self) -> None:
         self._wake_r.setblocking(False)

@@ -136,3 +136,39 @@ def test_a_cron_line_that_closes_stdout_and_stderr_still_runs(tmp_path: Path) ->
                          cwd=tmp_path, capture_output=True, text=True, timeout=100,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert bad.returncode == 2
+
+
+def test_a_run_with_stdin_stdout_and_stderr_closed_gives_children_a_stderr(
+        tmp_path: Path) -> None:
+    # With 0, 1 and 2 all closed, the next files and pipes opened would take those
+    # numbers: a stage (or a C library) writing to fd 2 would write into one of
+    # mpipe's pipes. mpipe points 0-2 at /dev/null first.
+    (tmp_path / "loud.py").write_text(
+        "import os\n"
+        "def numbers(ctx):\n"
+        "    return [1.0, 2.0, 3.0]\n"
+        "def scale(value):\n"
+        "    os.write(2, b'a warning a C library prints\\n')\n"
+        "    return value * 2.0\n")
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text("pipeline: loud\nworkdir: .\nsource: {fn: loud:numbers}\n"
+                   "stages:\n  scale: {fn: loud:scale, workers: 2, retries: 0}\n")
+    proc = subprocess.run(["sh", "-c", f'exec "{CONSOLE_SCRIPT}" run "{cfg}" <&- >&- 2>&-'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=100,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0
+    report = json.loads((tmp_path / ".mpipe/loud/last-run.json").read_text())
+    assert report["status"] == "complete" and report["counts"]["committed"] == 3
+
+
+def test_stdout_that_cannot_be_written_is_an_output_error(tmp_path: Path) -> None:
+    # `mpipe plan CONFIG > /dev/full` (or a full disk under `> log`): exit 74 and
+    # a message, not a traceback and "a bug in mpipe".
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([str(CONSOLE_SCRIPT), "plan", str(cfg)], cwd=tmp_path,
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=100,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 74, proc.stderr
+    assert "cannot write to standard output" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
