@@ -291,11 +291,17 @@ def _stdout_failed(exc: OSError) -> int:
         return 128 + signal.SIGPIPE
     if exc.errno in OUTPUT_ERRNOS:
         # A full or failing disk under a write mpipe has no message for, most
-        # often stdout's (`> /dev/full`, `> log` on a full disk).
-        if exc.filename is None:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"mpipe: error: cannot write to {exc.filename or 'standard output'}: "
-              f"{exc.strerror}", file=sys.stderr)
+        # often stdout's (`> /dev/full`, `> log` on a full disk): said so only
+        # if stdout fails again (what it could not write is still buffered).
+        where = exc.filename
+        if where is None:
+            try:
+                sys.stdout.flush()
+            except OSError:
+                where = "standard output"
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"mpipe: error: cannot write{f' to {where}' if where else ''}: {exc.strerror}",
+              file=sys.stderr)
         return OutputError.exit_code
     return _internal_error()
 
@@ -347,9 +353,16 @@ def _streams_that_exist() -> None:
 def _console() -> Console:
     from rich.console import Console
 
+    class PipeAwareConsole(Console):
+        def on_broken_pipe(self) -> None:
+            # rich's own exits 1 ("some items failed" to a cron wrapper) from
+            # inside the command; main() tells a reader that left (141).
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
     # A pipe has no width: rich would assume 80 columns and fold the table.
     wide = sys.stdout.isatty() or "COLUMNS" in os.environ
-    return Console(file=sys.stdout, width=None if wide else 120)
+    return PipeAwareConsole(file=sys.stdout, width=None if wide else 120)
 
 
 def _load(args: argparse.Namespace) -> LoadedConfig:
@@ -425,8 +438,8 @@ def _resume_summary(loaded: LoadedConfig, paths: Any, exact: bool) -> list[str]:
         committed.close()
     lines = [f"  ledger    {paths.ledger}",
              f"  resume    the ledger holds {held} committed item(s) of pipeline "
-             f"{cfg.pipeline}: a run skips each whose config, value and input files are "
-             "unchanged and whose outputs exist",
+             f"{cfg.pipeline}: a run skips each whose config, stage code, value and input "
+             "files are unchanged and whose outputs exist",
              f"            --fresh would forget them and redo all {held}"]
     if exact:
         skip, redo = _count_skips(loaded, paths)
@@ -534,9 +547,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _write_reports(report.build(loaded, failed, exc.exit_code, started), own)
         raise
     except Exception as exc:  # a bug: say so in the report, not leave the last run's
-        bug = InternalError(f"{type(exc).__name__}: {exc}")
+        bug: MpipeError = InternalError(f"{type(exc).__name__}: {exc}")
+        status = "internal_error"
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:  # as main() says
+            bug, status = OutputError(f"cannot write: {exc.strerror}"), "broken"
         try:
-            doc = report.build(loaded, RunResult(status="internal_error", error=bug),
+            doc = report.build(loaded, RunResult(status=status, error=bug),
                                bug.exit_code, started)
         except Exception:
             pass  # the report's own code may be what failed

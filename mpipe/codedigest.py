@@ -44,9 +44,12 @@ def code_digest(fn: Callable[..., Any], module_name: str) -> str:
     """A digest of ``fn``'s code, as described above; ``module_name`` is where the
     config names it (``module:function``)."""
     functions = [f for f in _unwrapped(fn) if isinstance(f, types.FunctionType)]
-    if not functions:
-        return hashlib.sha256(_module_source(module_name)).hexdigest()[:16]
-    return _Walk(functions[-1].__globals__).digest(functions)
+    if functions:
+        try:
+            return _Walk(functions[-1].__globals__).digest(functions)
+        except Exception:  # a user object this walk did not foresee
+            pass  # the whole module then, rather than no run at all
+    return hashlib.sha256(_module_source(module_name)).hexdigest()[:16]
 
 
 class _Walk:
@@ -80,8 +83,8 @@ class _Walk:
             except ValueError:  # an empty cell: a name assigned after the def
                 pass
         # Only names the function's own module defines (builtins and attribute
-        # names that are not globals are skipped), looked up in its dict: a
-        # module's __getattr__ is never called.
+        # names that are not globals are skipped), looked up in its dict, not
+        # with getattr: the module's own __getattr__ is never called.
         for name in sorted(_global_names(code)):
             if name in function.__globals__:
                 self.value(name, function.__globals__[name])
@@ -96,6 +99,8 @@ class _Walk:
         elif isinstance(value, type):
             if getattr(sys.modules.get(value.__module__), "__dict__", None) is self.home:
                 self.cls(value)
+        elif isinstance(value, types.ModuleType):
+            pass  # another module (asking it for __wrapped__ could start a lazy import)
         else:
             # Functions of this module, also behind a decorator (lru_cache, or one
             # from another module that used functools.wraps).
@@ -104,23 +109,32 @@ class _Walk:
                     self.function(inner)
 
     def cls(self, cls: type) -> None:
-        if id(cls) in self.seen:
-            return
-        self.seen.add(id(cls))
-        self.add(f"class {cls.__qualname__}")
-        for name, member in sorted(vars(cls).items()):
-            if isinstance(member, staticmethod | classmethod):
-                member = member.__func__
-            if isinstance(member, property):
-                member = member.fget
-            self.value(f"{cls.__qualname__}.{name}", member)
+        """A class and its bases from this module: what a method it inherits does counts."""
+        for each in cls.__mro__:
+            home = getattr(sys.modules.get(each.__module__), "__dict__", None) is self.home
+            if id(each) in self.seen or not home:
+                continue
+            self.seen.add(id(each))
+            self.add(f"class {each.__qualname__}")
+            for name, member in sorted(vars(each).items()):
+                if isinstance(member, staticmethod | classmethod):
+                    member = member.__func__
+                if isinstance(member, property):
+                    member = member.fget
+                self.value(f"{each.__qualname__}.{name}", member)
 
 
 def _unwrapped(value: object) -> list[object]:
     """``value`` and what it wraps (``__wrapped__``, as functools.wraps sets it)."""
     chain = [value]
-    while hasattr(chain[-1], "__wrapped__") and len(chain) < 100:
-        chain.append(chain[-1].__wrapped__)
+    while len(chain) < 100:
+        try:
+            inner = getattr(chain[-1], "__wrapped__", None)
+        except Exception:  # a __getattr__ that raises KeyError, ...
+            inner = None
+        if inner is None:
+            break
+        chain.append(inner)
     return chain
 
 

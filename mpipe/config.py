@@ -193,8 +193,8 @@ class LoadedConfig:
     path: Path
     raw: dict[str, Any]
     lines: dict[str, int]
-    # Each named function's code digest by config key, once the functions were
-    # imported and checked (mpipe.cli; mpipe.imports.code_digest).
+    # Each stage function's code digest by config key, once the functions were
+    # imported and checked (mpipe.cli, mpipe.imports.check_names, mpipe.codedigest).
     code: Mapping[str, str] = field(default_factory=dict)
 
     def where(self, key: str) -> str:

@@ -4,8 +4,8 @@
 
 * its **affinity mask** (``taskset``, a cpuset, ``docker --cpuset-cpus``):
   ``os.sched_getaffinity`` (on Python 3.13+, ``os.process_cpu_count()``, which
-  a user may also set with ``PYTHON_CPU_COUNT`` or ``-X cpu_count``: lower
-  only, as a quota still caps it);
+  a user may also set with ``PYTHON_CPU_COUNT`` or ``-X cpu_count``; a quota
+  still caps it);
 * a **CPU quota** of its cgroup (``docker --cpus=2``, Kubernetes' CPU limits, a
   systemd unit's ``CPUQuota=``): the kernel lets the group run ``quota`` us per
   ``period`` us, however many cores it sees.  Ten workers under a two-core quota

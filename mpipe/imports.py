@@ -124,12 +124,16 @@ def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path
                 ) -> dict[str, str]:
     """Import and check every named function; raise the first :class:`ConfigError`.
 
-    Returns each function's code digest (:mod:`mpipe.codedigest`), by config key.
+    Returns each stage function's code digest (:mod:`mpipe.codedigest`), by
+    config key: what an item's fingerprint holds of the code.
     """
     from mpipe.codedigest import code_digest
 
     add_pipeline_dir(base_dir)
-    return {key: code_digest(resolve(name, key, allowed, base_dir, where=where),
-                             name.partition(":")[0])
-            for key, name, where in named}
+    digests = {}
+    for key, name, where in named:
+        fn = resolve(name, key, allowed, base_dir, where=where)
+        if key.startswith("stages."):
+            digests[key] = code_digest(fn, name.partition(":")[0])
+    return digests
 

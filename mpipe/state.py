@@ -73,8 +73,8 @@ class RunPaths:
 def config_fingerprint(cfg: PipelineConfig, code: Mapping[str, str]) -> str:
     """What makes an item's result what it is: params, stage functions and their code.
 
-    ``code`` is :func:`mpipe.imports.check_names`'s answer (each function's
-    module source, digested); only the stages' count.  Worker counts, queue
+    ``code`` is :func:`mpipe.imports.check_names`'s answer (each stage's code
+    digest, :mod:`mpipe.codedigest`, by config key).  Worker counts, queue
     sizes and the like are left out: changing them must not redo finished work.
     """
     identity = {

@@ -146,11 +146,29 @@ REACH = textwrap.dedent("""\
         yield value * 2.0
 
 
-    class Scaler:
+    class Base:
+        def base(self, value):
+            return value * 2.0
+
+
+    class Scaler(Base):
         offset = 1.0
 
         def apply(self, value):
-            return value * 2.0 + self.offset
+            return value * 2.0 + self.offset + self.base(value)
+
+
+    class Strict:
+        # A config object whose __getattr__ raises KeyError for any other name.
+
+        def __init__(self):
+            self.known = {"x": 1.0}
+
+        def __getattr__(self, name):
+            return self.known[name]
+
+
+    CFG = Strict()
 
 
     def make(k):
@@ -164,7 +182,8 @@ REACH = textwrap.dedent("""\
 
     def stage(value, factor=FACTOR):
         with opened(value) as v:
-            return cached(v) + Scaler().apply(v) * factor + made(value) + len(NAMES)
+            return (cached(v) + Scaler().apply(v) * factor + made(value) + len(NAMES)
+                    + CFG.x)
     """)
 
 REACHED = {
@@ -173,6 +192,8 @@ REACHED = {
                                   "return value * 2.5\n\n\n@contextlib"),
     "a helper behind a decorator from another module": ("yield value * 2.0", "yield value * 2.5"),
     "a method of a class it uses": ("value * 2.0 + self.offset", "value * 2.5 + self.offset"),
+    "a method that class inherits": ("return value * 2.0\n\n\nclass Scaler",
+                                     "return value * 2.5\n\n\nclass Scaler"),
     "a class attribute": ("offset = 1.0", "offset = 1.5"),
     "a closure's value": ("make(3.0)", "make(3.5)"),
     "a tuple constant": ('NAMES = ("a", "b")', 'NAMES = ("a", "b", "c")'),
@@ -184,6 +205,13 @@ def test_what_a_stage_reaches_changes_its_digest(load: Loader, change: str) -> N
     old, new = REACHED[change]
     assert REACH.count(old) == 1
     assert digest(load(REACH), "stage") != digest(load(REACH.replace(old, new)), "stage")
+
+
+def test_what_a_stage_does_not_reach_leaves_its_digest(load: Loader) -> None:
+    # Also a proof that the walk went through (a walk that fails falls back to
+    # the whole file, which this edit changes): CFG's __getattr__ raises KeyError.
+    edited = REACH + "\n\ndef unrelated(value):\n    return value * 7\n"
+    assert digest(load(REACH), "stage") == digest(load(edited), "stage")
 
 
 def test_line_endings_and_a_reread_file(load: Loader, tmp_path: Path) -> None:

@@ -165,10 +165,30 @@ def test_stdout_that_cannot_be_written_is_an_output_error(tmp_path: Path) -> Non
     # `mpipe plan CONFIG > /dev/full` (or a full disk under `> log`): exit 74 and
     # a message, not a traceback and "a bug in mpipe".
     cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as usual
     with open("/dev/full", "w") as full:
         proc = subprocess.run([str(CONSOLE_SCRIPT), "plan", str(cfg)], cwd=tmp_path,
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=100,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env={**env, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 74, proc.stderr
     assert "cannot write to standard output" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_run_whose_summary_meets_a_closed_pipe_exits_141_not_1(tmp_path: Path) -> None:
+    # rich's console exits 1 on a broken pipe ("some items failed" to a cron
+    # wrapper); the run itself completed, and its report says so.
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    read, write = os.pipe()
+    os.close(read)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([str(CONSOLE_SCRIPT), "run", str(cfg)], cwd=tmp_path, stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=100,
+                          env={**env, "PYTHONPATH": str(REPO)})
+    os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
+    assert report["status"] == "complete"
+    check_against_reference(tmp_path, 2, 0)
