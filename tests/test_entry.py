@@ -101,19 +101,25 @@ def test_a_bug_in_mpipe_exits_70_with_its_traceback_and_keeps_the_work(tmp_path:
     check_against_reference(tmp_path, 3, 0)
 
 
-def test_a_reader_that_leaves_early_is_not_an_error(tmp_path: Path) -> None:
-    # `mpipe plan CONFIG | head -1`: the pipe closes; no traceback, the shell's
-    # code for a writer ended by SIGPIPE.
-    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+def _into_a_closed_pipe(command: str, cfg: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`mpipe COMMAND CFG | head` once head has left: stdout is a pipe without reader."""
     read, write = os.pipe()
     os.close(read)
     # Buffered, as stdout to a pipe is unless PYTHONUNBUFFERED is set: the
     # write then fails at a flush, not at the print.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    proc = subprocess.run([str(CONSOLE_SCRIPT), "plan", str(cfg)], cwd=tmp_path, stdout=write,
-                          stderr=subprocess.PIPE, text=True, timeout=100,
-                          env={**env, "PYTHONPATH": str(REPO)})
-    os.close(write)
+    try:
+        return subprocess.run([str(CONSOLE_SCRIPT), command, str(cfg)], cwd=cwd, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=100,
+                              env={**env, "PYTHONPATH": str(REPO)})
+    finally:
+        os.close(write)
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path: Path) -> None:
+    # `mpipe plan CONFIG | head -1`: the pipe closes; no traceback, the shell's
+    # code for a writer ended by SIGPIPE.
+    proc = _into_a_closed_pipe("plan", notes_config(tmp_path, tasks=2, repeat=0), tmp_path)
     assert proc.returncode == 141, proc.stderr
     assert proc.stderr == "", proc.stderr
 
@@ -179,14 +185,7 @@ def test_a_run_whose_summary_meets_a_closed_pipe_exits_141_not_1(tmp_path: Path)
     # rich's console exits 1 on a broken pipe ("some items failed" to a cron
     # wrapper); the run itself completed, and its report says so.
     make_inputs(tmp_path, 2)
-    cfg = notes_config(tmp_path, tasks=2, repeat=0)
-    read, write = os.pipe()
-    os.close(read)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    proc = subprocess.run([str(CONSOLE_SCRIPT), "run", str(cfg)], cwd=tmp_path, stdout=write,
-                          stderr=subprocess.PIPE, text=True, timeout=100,
-                          env={**env, "PYTHONPATH": str(REPO)})
-    os.close(write)
+    proc = _into_a_closed_pipe("run", notes_config(tmp_path, tasks=2, repeat=0), tmp_path)
     assert proc.returncode == 141, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
