@@ -552,8 +552,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:  # as main() says
             bug, status = OutputError(f"cannot write: {exc.strerror}"), "broken"
         try:
-            doc = report.build(loaded, RunResult(status=status, error=bug),
-                               bug.exit_code, started)
+            doc = report.build(loaded, runner.counts_so_far(status, bug), bug.exit_code,
+                               started)
         except Exception:
             pass  # the report's own code may be what failed
         else:

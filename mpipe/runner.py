@@ -785,6 +785,18 @@ class Runner:
 
     # ---------------------------------------------------------------- the end
 
+    def counts_so_far(self, status: str, error: MpipeError) -> RunResult:
+        """What the run had counted when something unforeseen ended it (for its report)."""
+        result = RunResult(status=status, error=error,
+                           startup_s=getattr(self, "_startup_s", 0.0),
+                           loop_started_at=getattr(self, "_loop_started_at", 0.0))
+        s = getattr(self, "_state", None)
+        if s is not None:  # the loop had begun
+            result.produced, result.committed, result.skipped = s.produced, s.committed, s.skipped
+            result.failed, result.not_started = len(s.failures), s.not_started
+            result.failures = s.failures
+        return result
+
     def _finish(self) -> RunResult:
         s = self._state
         result = RunResult(status="complete", produced=s.produced, committed=s.committed,

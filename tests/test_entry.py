@@ -98,6 +98,7 @@ def test_a_bug_in_mpipe_exits_70_with_its_traceback_and_keeps_the_work(tmp_path:
     report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
     assert report["status"] == "internal_error" and report["exit_code"] == 70
     assert "a simulated bug after the run" in report["error"]
+    assert report["counts"]["committed"] == 3  # what the run had done, not zeros
     check_against_reference(tmp_path, 3, 0)
 
 
