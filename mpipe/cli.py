@@ -519,7 +519,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mpipe import imports, progress, report
-    from mpipe.runner import Runner, RunResult
+    from mpipe.runner import Runner
 
     global _skip_teardown
     loaded = _load(args)
@@ -541,10 +541,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with runner:
             result = runner.run()
-    except MpipeError as exc:  # the run could not start (locked, outputs unwritable)
-        failed = RunResult(status="not_started", error=exc)
+    except MpipeError as exc:  # could not start (locked, outputs unwritable), or stopped
         own = targets[1:] if isinstance(exc, RunLockedError) else targets
-        _write_reports(report.build(loaded, failed, exc.exit_code, started), own)
+        _write_reports(report.build(loaded, runner.counts_so_far(exc), exc.exit_code, started),
+                       own)
         raise
     except Exception as exc:  # a bug: say so in the report, not leave the last run's
         bug: MpipeError = InternalError(f"{type(exc).__name__}: {exc}")
@@ -552,7 +552,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:  # as main() says
             bug, status = OutputError(f"cannot write: {exc.strerror}"), "broken"
         try:
-            doc = report.build(loaded, runner.counts_so_far(status, bug), bug.exit_code,
+            doc = report.build(loaded, runner.counts_so_far(bug, status), bug.exit_code,
                                started)
         except Exception:
             pass  # the report's own code may be what failed

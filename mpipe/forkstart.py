@@ -207,6 +207,8 @@ def _fork(name: str, serve: Callable[[], object], keep: Collection[int]) -> int:
         code = exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:  # Ctrl-C before main() ignores it: the run is interrupted too
         code = 130
+    except EOFError:  # the runner hung up in the middle of a request: it says why
+        code = 1
     except BaseException:
         import traceback
 

@@ -189,7 +189,10 @@ class StagePool:
         self._shared.running[slot] = -1
         self._serial += 1
         name = f"{self.name}-{self._serial}"
-        runner_end, worker_end = self._mp.Pipe(duplex=True)
+        try:
+            runner_end, worker_end = self._mp.Pipe(duplex=True)
+        except OSError as exc:  # EMFILE
+            raise procs.cannot_start(f"the process {name}", exc) from None
         process = self._mp.Process(
             target=worker_main,
             name=name,
@@ -204,7 +207,7 @@ class StagePool:
                 self._shared.running,
             ),
         )
-        process.start()
+        procs.start(process)
         logger.info("started %s (pid %s)", name, process.pid)
         worker_end.close()
         self._workers.append(_Worker(name=name, slot=slot, process=process, conn=runner_end))

@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from mpipe import logsetup
+from mpipe.errors import PipelineBrokenError
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +135,20 @@ def kill_now(procs: Iterable[BaseProcess]) -> None:
     for p in procs:
         if p.pid is not None:
             p.join(10.0)
+
+
+def start(process: BaseProcess) -> None:
+    """``process.start()``; a limit of the machine's is a :class:`PipelineBrokenError`
+    (exit 3) that says so, not a traceback taken for a bug."""
+    try:
+        process.start()
+    except (OSError, EOFError) as exc:  # EAGAIN, EMFILE, ENOMEM; EOF: the forkserver died
+        raise cannot_start(f"the process {process.name}", exc) from None
+
+
+def cannot_start(what: str, exc: OSError | EOFError) -> PipelineBrokenError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+    return PipelineBrokenError(
+        f"cannot start {what}: {reason}",
+        hint="a limit of this machine was reached (processes: ulimit -u; open files: "
+        "ulimit -n; memory): lower the workers, or raise the limit")

@@ -208,7 +208,10 @@ class Runner:
             self._start_dask_early()
             self._install_signal_handlers()
             self._t0 = time.monotonic()
-            self._start()
+            try:
+                self._start()
+            except OSError as exc:  # EMFILE for a pipe, ENOSPC in /dev/shm for a lock
+                raise procs.cannot_start("the pipeline's processes", exc) from None
         except BaseException:
             self._teardown(grace_s=0)
             raise
@@ -346,7 +349,7 @@ class Runner:
         self._seal_conn, seal_end = self._mp.Pipe()
         self._sealer = self._mp.Process(target=seal_main, name="writer-seal",
                                         args=(seal_end, self._lifeline_r, self.log_level))
-        self._sealer.start()
+        procs.start(self._sealer)
         logger.info("started writer-seal (pid %s)", self._sealer.pid)
         seal_end.close()
 
@@ -401,7 +404,7 @@ class Runner:
     def _spawn(self, name: str, target: Callable[..., None], args: tuple[Any, ...]
                ) -> BaseProcess:
         process = self._mp.Process(target=target, name=name, args=args)
-        process.start()
+        procs.start(process)
         logger.info("started %s (pid %s)", name, process.pid)
         self._children.append(process)
         return process
@@ -785,8 +788,11 @@ class Runner:
 
     # ---------------------------------------------------------------- the end
 
-    def counts_so_far(self, status: str, error: MpipeError) -> RunResult:
-        """What the run had counted when something unforeseen ended it (for its report)."""
+    def counts_so_far(self, error: MpipeError, status: str | None = None) -> RunResult:
+        """What the run had counted when an error ended it (for its report); the status
+        by default "not_started" before the loop began, "broken" after."""
+        begun = getattr(self, "_state", None) is not None
+        status = status or ("broken" if begun else "not_started")
         result = RunResult(status=status, error=error,
                            startup_s=getattr(self, "_startup_s", 0.0),
                            loop_started_at=getattr(self, "_loop_started_at", 0.0))

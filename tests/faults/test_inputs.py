@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import check_against_reference, make_inputs, mpipe, notes_config
+from tests.conftest import REPO, check_against_reference, make_inputs, mpipe, notes_config
 
 
 def report(workdir: Path) -> dict:  # type: ignore[type-arg]
@@ -186,3 +188,23 @@ def test_a_damaged_resume_ledger_exits_74_and_names_it(tmp_path: Path) -> None:
     # As the hint says: --fresh computes everything again.
     assert mpipe("run", cfg, "--fresh").returncode == 0
     check_against_reference(tmp_path, 2, 0)
+
+
+def test_a_machine_limit_at_start_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    # 60 workers under 90 open files (`ulimit -n`): a limit any user may lower.
+    (tmp_path / "few.py").write_text("def numbers(ctx):\n    return [1.0, 2.0]\n"
+                                     "def scale(value):\n    return value * 2.0\n")
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text("pipeline: few\nworkdir: .\nsource: {fn: few:numbers}\n"
+                   "stages:\n  scale: {fn: few:scale, workers: 60}\n")
+    proc = subprocess.run(
+        ["sh", "-c", f'ulimit -n 90 && exec "{sys.executable}" -m mpipe run "{cfg}" --quiet'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=100,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot start" in proc.stderr and "ulimit -n" in proc.stderr, proc.stderr
+    # Not taken for a bug. (A child caught mid-start by the teardown may still print
+    # multiprocessing's own traceback: its semaphores were already gone.)
+    assert "internal error" not in proc.stderr and "mpipe/cli.py" not in proc.stderr
+    doc = json.loads((tmp_path / ".mpipe/few/last-run.json").read_text())
+    assert doc["status"] == "not_started" and doc["exit_code"] == 3
