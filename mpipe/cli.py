@@ -567,8 +567,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         exit_code = unwritten.exit_code  # all went well but the report (printed above)
     if not args.quiet:
         console = _console()
-        console.print(report.render_summary(doc, ascii_only=not console.is_terminal))
-        console.print(f"  report: {args.report or runner.paths.default_report}", highlight=False)
+        try:
+            console.print(report.render_summary(doc, ascii_only=not console.is_terminal))
+            console.print(f"  report: {args.report or runner.paths.default_report}",
+                          highlight=False)
+        except BrokenPipeError:
+            if exit_code == 0:
+                raise  # nothing else to tell: the reader left (141)
+            # A failed run's code says more than the pipe's: keep it.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if error is not None:
         print(f"mpipe: error: {error}", file=sys.stderr)
     return exit_code

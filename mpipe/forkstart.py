@@ -207,7 +207,9 @@ def _fork(name: str, serve: Callable[[], object], keep: Collection[int]) -> int:
         code = exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:  # Ctrl-C before main() ignores it: the run is interrupted too
         code = 130
-    except EOFError:  # the runner hung up in the middle of a request: it says why
+    except EOFError:  # a client hung up in the middle of a request (the runner says why)
+        print(f"{name}: a client hung up in the middle of a request; stopping",
+              file=sys.stderr)
         code = 1
     except BaseException:
         import traceback

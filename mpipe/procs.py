@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -148,7 +149,20 @@ def start(process: BaseProcess) -> None:
 
 def cannot_start(what: str, exc: OSError | EOFError) -> PipelineBrokenError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-    return PipelineBrokenError(
-        f"cannot start {what}: {reason}",
-        hint="a limit of this machine was reached (processes: ulimit -u; open files: "
-        "ulimit -n; memory): lower the workers, or raise the limit")
+    if is_limit(exc):
+        hint = ("a limit of this machine was reached (processes: ulimit -u; open files: "
+                "ulimit -n; memory, or /dev/shm for semaphores): lower the workers, or "
+                "raise the limit")
+    else:  # ECONNREFUSED, EOF: the forkserver that starts every child is gone
+        hint = ("the process that starts mpipe's children stopped (see the log above); "
+                "run the same command again: finished items are kept")
+    return PipelineBrokenError(f"cannot start {what}: {reason}", hint=hint)
+
+
+# What a machine's limits raise when a process, a pipe or a semaphore is made.
+LIMIT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM,
+                          errno.ENOSPC})
+
+
+def is_limit(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in LIMIT_ERRNOS

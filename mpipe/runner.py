@@ -211,6 +211,8 @@ class Runner:
             try:
                 self._start()
             except OSError as exc:  # EMFILE for a pipe, ENOSPC in /dev/shm for a lock
+                if not procs.is_limit(exc):
+                    raise  # a Dask timeout, a bug: not a limit of this machine
                 raise procs.cannot_start("the pipeline's processes", exc) from None
         except BaseException:
             self._teardown(grace_s=0)

@@ -102,7 +102,8 @@ def test_a_bug_in_mpipe_exits_70_with_its_traceback_and_keeps_the_work(tmp_path:
     check_against_reference(tmp_path, 3, 0)
 
 
-def _into_a_closed_pipe(command: str, cfg: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _into_a_closed_pipe(command: str, cfg: Path, cwd: Path, *extra: str
+                        ) -> subprocess.CompletedProcess[str]:
     """`mpipe COMMAND CFG | head` once head has left: stdout is a pipe without reader."""
     read, write = os.pipe()
     os.close(read)
@@ -110,7 +111,8 @@ def _into_a_closed_pipe(command: str, cfg: Path, cwd: Path) -> subprocess.Comple
     # write then fails at a flush, not at the print.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     try:
-        return subprocess.run([str(CONSOLE_SCRIPT), command, str(cfg)], cwd=cwd, stdout=write,
+        return subprocess.run([str(CONSOLE_SCRIPT), command, str(cfg), *extra], cwd=cwd,
+                              stdout=write,
                               stderr=subprocess.PIPE, text=True, timeout=100,
                               env={**env, "PYTHONPATH": str(REPO)})
     finally:
@@ -192,3 +194,9 @@ def test_a_run_whose_summary_meets_a_closed_pipe_exits_141_not_1(tmp_path: Path)
     report = json.loads((tmp_path / ".mpipe/notes/last-run.json").read_text())
     assert report["status"] == "complete"
     check_against_reference(tmp_path, 2, 0)
+    # A run with a failed item keeps its exit 1 and its error line.
+    failing = notes_config(tmp_path, tasks=2, repeat=0, fn="tests.faults.stages:notes_with_fault")
+    proc = _into_a_closed_pipe("run", failing, tmp_path, "--fresh", "--set", "params.fault=raise",
+                               "--set", "params.fault_key=t001")
+    assert proc.returncode == 1, proc.stderr
+    assert "1 of 2 items failed" in proc.stderr
