@@ -29,12 +29,15 @@ normalised (a CRLF checkout is the same code).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # Values whose repr, taken as the base type, is their value and the same in every run.
 _CONSTANT_TYPES = (bool, int, float, complex, str, bytes)
@@ -47,8 +50,12 @@ def code_digest(fn: Callable[..., Any], module_name: str) -> str:
     if functions:
         try:
             return _Walk(functions[-1].__globals__).digest(functions)
-        except Exception:  # a user object this walk did not foresee
-            pass  # the whole module then, rather than no run at all
+        except Exception as exc:  # a user object this walk did not foresee
+            # The whole module then, rather than no run at all; said, since a walk
+            # that fails only sometimes would flip the digest and redo items.
+            logger.warning("the code digest of %s could not follow what it uses (%s: %s); "
+                           "its whole module file is digested instead", module_name,
+                           type(exc).__name__, exc)
     return hashlib.sha256(_module_source(module_name)).hexdigest()[:16]
 
 

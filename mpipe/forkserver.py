@@ -129,7 +129,7 @@ def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path,
     process = ctx.Process(target=_check_names_child, name="mpipe-check-names",
                           args=(child_end, lifeline_r, log_level, list(named), list(allowed),
                                 str(base_dir)))
-    process.start()
+    procs.start(process)  # a machine limit: exit 3 with the limit named
     child_end.close()
     lifeline_r.close()
     try:

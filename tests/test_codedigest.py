@@ -257,3 +257,20 @@ def test_the_digest_is_the_same_in_every_process(tmp_path: Path) -> None:
                                 "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}).stdout
             for seed in ("1", "2", "3", "4", "5")}
     assert len(seen) == 1 and len(seen.pop().strip()) == 16
+
+
+def test_a_walk_that_fails_falls_back_to_the_module_and_says_so(
+        load: Loader, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import mpipe.codedigest
+
+    module = load(V1)
+    walked = digest(module)
+
+    def fails(self: object, name: str, value: object) -> None:
+        raise RuntimeError("an object nobody foresaw")
+
+    monkeypatch.setattr(mpipe.codedigest._Walk, "value", fails)
+    with caplog.at_level("WARNING", logger="mpipe.codedigest"):
+        whole = digest(module)
+    assert whole != walked
+    assert "whole module file" in caplog.text and "an object nobody foresaw" in caplog.text
