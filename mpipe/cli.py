@@ -285,9 +285,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _stdout_failed(exc: OSError) -> int:
     """An OSError out of a command that mpipe did not turn into one of its errors."""
     if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
-        # `mpipe plan ... | head`: the reader left; nothing to say to it.  stdout
-        # goes to /dev/null so that the exit's own flush is quiet.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # `mpipe plan ... | head`: the reader left; nothing to say to it.
+        _silence_stdout()
         return 128 + signal.SIGPIPE
     if exc.errno in OUTPUT_ERRNOS:
         # A full or failing disk under a write mpipe has no message for, most
@@ -299,7 +298,7 @@ def _stdout_failed(exc: OSError) -> int:
                 sys.stdout.flush()
             except OSError:
                 where = "standard output"
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                _silence_stdout()
         print(f"mpipe: error: cannot write{f' to {where}' if where else ''}: {exc.strerror}",
               file=sys.stderr)
         return OutputError.exit_code
@@ -307,6 +306,14 @@ def _stdout_failed(exc: OSError) -> int:
 
 
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered then goes nowhere quietly,
+    instead of failing again at the interpreter's exit (which would exit 120)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
 
 
 def _stdout_reader_gone() -> bool:
@@ -575,7 +582,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if exit_code == 0:
                 raise  # nothing else to tell: the reader left (141)
             # A failed run's code says more than the pipe's: keep it.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _silence_stdout()
     if error is not None:
         print(f"mpipe: error: {error}", file=sys.stderr)
     return exit_code

@@ -228,9 +228,5 @@ def _file_lines(filename: str) -> list[bytes]:
 
 def _module_source(module_name: str) -> bytes:
     source = getattr(sys.modules.get(module_name), "__file__", None)
-    if source:
-        try:
-            return Path(source).read_bytes().replace(b"\r\n", b"\n")
-        except OSError:
-            pass
-    return module_name.encode()
+    lines = _file_lines(source) if source else []
+    return b"".join(lines) if lines else module_name.encode()

@@ -175,6 +175,8 @@ class Runner:
         self._old_wakeup_fd = -1
         self._t0 = time.monotonic()
         self.prepare_s = 0.0
+        self._startup_s = 0.0  # set once the processes are up
+        self._loop_started_at = 0.0  # wall clock, set when the loop begins
         self._sealer: BaseProcess | None = None
         self._sealing = False
         self._seal_exitcode: int | None = None
@@ -793,24 +795,23 @@ class Runner:
     def counts_so_far(self, error: MpipeError, status: str | None = None) -> RunResult:
         """What the run had counted when an error ended it (for its report); the status
         by default "not_started" before the loop began, "broken" after."""
-        begun = getattr(self, "_state", None) is not None
-        status = status or ("broken" if begun else "not_started")
-        result = RunResult(status=status, error=error,
-                           startup_s=getattr(self, "_startup_s", 0.0),
-                           loop_started_at=getattr(self, "_loop_started_at", 0.0))
-        s = getattr(self, "_state", None)
-        if s is not None:  # the loop had begun
-            result.produced, result.committed, result.skipped = s.produced, s.committed, s.skipped
-            result.failed, result.not_started = len(s.failures), s.not_started
-            result.failures = s.failures
+        state = getattr(self, "_state", None)  # made when the loop begins
+        if state is None:
+            result = RunResult(status=status or "not_started", startup_s=self._startup_s)
+        else:
+            result = self._counted(state, status or "broken")
+        result.error = error
         return result
+
+    def _counted(self, s: _State, status: str) -> RunResult:
+        return RunResult(status=status, produced=s.produced, committed=s.committed,
+                         skipped=s.skipped, failed=len(s.failures), not_started=s.not_started,
+                         failures=s.failures, startup_s=self._startup_s,
+                         loop_started_at=self._loop_started_at)
 
     def _finish(self) -> RunResult:
         s = self._state
-        result = RunResult(status="complete", produced=s.produced, committed=s.committed,
-                           skipped=s.skipped, failed=len(s.failures), not_started=s.not_started,
-                           failures=s.failures, startup_s=self._startup_s,
-                           loop_started_at=self._loop_started_at)
+        result = self._counted(s, "complete")
         for pool in self._pools:
             pool.stats.workers = pool.size  # Dask's `workers: auto` is the cluster's threads
         result.stages = {p.name: p.stats for p in self._pools}
