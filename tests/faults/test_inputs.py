@@ -59,12 +59,21 @@ def test_bad_input_fails_its_task_with_the_file_named(tmp_path: Path, kind: str)
     assert not (tmp_path / "output/t001").exists()
 
 
-def test_unwritable_output_dir_is_found_before_any_compute(tmp_path: Path) -> None:
-    make_inputs(tmp_path, 2)
-    (tmp_path / "output").write_text("a file where the output directory should be")
-    cfg = notes_config(tmp_path, tasks=2, repeat=0)
-    proc = mpipe("run", cfg)
+IN_THE_WAY = "a file where a directory should be"
+
+
+def run_with_a_file_at(workdir: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """A run whose workdir has a file where mpipe needs a directory: how these tests
+    make a path unwritable (root, as they may run, ignores permissions). Exit 74."""
+    make_inputs(workdir, 2)
+    (workdir / name).write_text(IN_THE_WAY)
+    proc = mpipe("run", notes_config(workdir, tasks=2, repeat=0))
     assert proc.returncode == 74, proc.stderr
+    return proc
+
+
+def test_unwritable_output_dir_is_found_before_any_compute(tmp_path: Path) -> None:
+    proc = run_with_a_file_at(tmp_path, "output")
     assert "output" in proc.stderr and "cannot" in proc.stderr
     assert not (tmp_path / ".mpipe/notes/ledger.sqlite").exists()
     doc = report(tmp_path)
@@ -156,18 +165,13 @@ def test_a_prepare_that_raises_is_a_broken_pipeline_not_a_traceback(tmp_path: Pa
 
 
 def test_a_workdir_whose_state_directory_cannot_be_made_exits_74(tmp_path: Path) -> None:
-    # Root ignores permissions (these tests may run as root): a file where
-    # mpipe's state directory should be fails the same way an unwritable
-    # workdir does, at the first mkdir.
-    make_inputs(tmp_path, 2)
-    (tmp_path / ".mpipe").write_text("not a directory")
-    cfg = notes_config(tmp_path, tasks=2, repeat=0)
-    proc = mpipe("run", cfg)
-    assert proc.returncode == 74, proc.stderr
+    # A file where mpipe's state directory should be fails the same way an
+    # unwritable workdir does, at the first mkdir.
+    proc = run_with_a_file_at(tmp_path, ".mpipe")
     assert "Traceback" not in proc.stderr, proc.stderr
     assert str(tmp_path / ".mpipe") in proc.stderr, proc.stderr
     assert "a file is where a directory is needed" in proc.stderr, proc.stderr
-    assert (tmp_path / ".mpipe").read_text() == "not a directory"  # left as it was
+    assert (tmp_path / ".mpipe").read_text() == IN_THE_WAY  # left as it was
     assert not (tmp_path / "output").exists() and not (tmp_path / "results.h5").exists()
 
 
