@@ -104,7 +104,7 @@ class _Walk:
             for i, each in enumerate(value):
                 self.value(f"{name}[{i}]", each)
         elif isinstance(value, type):
-            if getattr(sys.modules.get(value.__module__), "__dict__", None) is self.home:
+            if self.defined_here(value):
                 self.cls(value)
         elif isinstance(value, types.ModuleType):
             pass  # another module (asking it for __wrapped__ could start a lazy import)
@@ -115,11 +115,13 @@ class _Walk:
                 if isinstance(inner, types.FunctionType) and inner.__globals__ is self.home:
                     self.function(inner)
 
+    def defined_here(self, cls: type) -> bool:
+        return getattr(sys.modules.get(cls.__module__), "__dict__", None) is self.home
+
     def cls(self, cls: type) -> None:
         """A class and its bases from this module: what a method it inherits does counts."""
         for each in cls.__mro__:
-            home = getattr(sys.modules.get(each.__module__), "__dict__", None) is self.home
-            if id(each) in self.seen or not home:
+            if id(each) in self.seen or not self.defined_here(each):
                 continue
             self.seen.add(id(each))
             self.add(f"class {each.__qualname__}")
