@@ -197,8 +197,16 @@ class Runner:
                     imports.call_with_optional_context(self._prepare, ctx=ctx)
                 except MpipeError:
                     raise  # a path outside the workdir, ...: its own message and code
+                except SystemExit as exc:
+                    # A prepare written as a script ends with sys.exit(0): left
+                    # alone, the run would end "successfully" with nothing done.
+                    raise PipelineBrokenError(
+                        f"the prepare function {self._prepare_name} called "
+                        f"sys.exit({exc.code!r})",
+                        hint="a prepare returns to let the run go on and raises to "
+                        "stop it; nothing was started") from None
                 except Exception as exc:
-                    name = self.config.prepare.fn if self.config.prepare else "prepare"
+                    name = self._prepare_name
                     raise PipelineBrokenError(
                         f"the prepare function {name} raised "
                         f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
@@ -224,6 +232,10 @@ class Runner:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._teardown(grace_s=0 if exc is not None else self.config.shutdown_grace_s)
+
+    @property
+    def _prepare_name(self) -> str:
+        return self.config.prepare.fn if self.config.prepare else "prepare"
 
     def _prepare_workdir(self) -> None:
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -151,3 +152,8 @@ def prepare_with_finalizer(ctx: StageContext) -> None:
 def prepare_that_raises(ctx: StageContext) -> None:
     """A prepare that fails, as one whose download or database is down does."""
     raise ConnectionError("the archive server refused the connection")
+
+
+def prepare_that_exits(ctx: StageContext) -> None:
+    """A prepare written as a script is: it ends with ``sys.exit(0)``."""
+    sys.exit(0)

@@ -164,6 +164,20 @@ def test_a_prepare_that_raises_is_a_broken_pipeline_not_a_traceback(tmp_path: Pa
     assert not (tmp_path / "results.h5").exists()
 
 
+def test_a_prepare_that_calls_sys_exit_0_does_not_end_the_run_as_a_success(
+        tmp_path: Path) -> None:
+    # Exit 0 with nothing done and no report would read as a good run to cron.
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0,
+                       extra="prepare: {fn: tests.faults.stages:prepare_that_exits}\n")
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 3, proc.stderr
+    assert "prepare_that_exits called sys.exit(0)" in proc.stderr, proc.stderr
+    doc = report(tmp_path)
+    assert doc["status"] == "not_started" and doc["exit_code"] == 3
+    assert not (tmp_path / "results.h5").exists()
+
+
 def test_a_workdir_whose_state_directory_cannot_be_made_exits_74(tmp_path: Path) -> None:
     # A file where mpipe's state directory should be fails the same way an
     # unwritable workdir does, at the first mkdir.
