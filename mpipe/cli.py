@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader that left shows here, not at interpreter exit
     except MpipeError as exc:
-        print(f"mpipe: error: {exc}", file=sys.stderr)
+        _print_error(exc)
         code = exc.exit_code
     except KeyboardInterrupt:
         print("mpipe: interrupted", file=sys.stderr)
@@ -551,7 +551,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except MpipeError as exc:  # could not start (locked, outputs unwritable), or stopped
         own = targets[1:] if isinstance(exc, RunLockedError) else targets
         _write_reports(report.build(loaded, runner.counts_so_far(exc), exc.exit_code, started),
-                       own)
+                       own, failing=exc)
         raise
     except Exception as exc:  # a bug: say so in the report, not leave the last run's
         bug: MpipeError = InternalError(f"{type(exc).__name__}: {exc}")
@@ -564,12 +564,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Exception:
             pass  # the report's own code may be what failed
         else:
-            _write_reports(doc, targets)
+            _write_reports(doc, targets, failing=exc)
         raise
     error = result.error
     exit_code = error.exit_code if error else 0
     doc = report.build(loaded, result, exit_code, started, prepare_s=runner.prepare_s)
-    unwritten = _write_reports(doc, targets)
+    unwritten = _write_reports(doc, targets, failing=error)
     if error is None and unwritten is not None:
         exit_code = unwritten.exit_code  # all went well but the report (printed above)
     if not args.quiet:
@@ -584,12 +584,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             # A failed run's code says more than the pipe's: keep it.
             _silence_stdout()
     if error is not None:
-        print(f"mpipe: error: {error}", file=sys.stderr)
+        _print_error(error)
     return exit_code
 
 
-def _write_reports(doc: dict[str, Any], targets: list[Path]) -> MpipeError | None:
-    """Write the report to each target; print and return the first failure, if any."""
+def _print_error(error: MpipeError) -> None:
+    print(f"mpipe: error: {error}", file=sys.stderr)
+    for note in getattr(error, "__notes__", ()):
+        print(f"  also: {note}", file=sys.stderr)
+
+
+def _write_reports(doc: dict[str, Any], targets: list[Path], *,
+                   failing: BaseException | None = None) -> MpipeError | None:
+    """Write the report to each target; print and return the first failure, if any.
+
+    When the run itself is ``failing``, a report that cannot be written is a
+    note on that error, printed after it: its cause is often the run's own (a
+    file where the state directory should be), and the run's error comes first.
+    """
     from mpipe import report
 
     failed = None
@@ -597,7 +609,10 @@ def _write_reports(doc: dict[str, Any], targets: list[Path]) -> MpipeError | Non
         try:
             report.write(doc, target)
         except MpipeError as exc:
-            print(f"mpipe: error: {exc}", file=sys.stderr)
+            if failing is not None:
+                failing.add_note(exc.message)
+            else:
+                print(f"mpipe: error: {exc}", file=sys.stderr)
             failed = failed or exc
     return failed
 

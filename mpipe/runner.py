@@ -852,7 +852,9 @@ class Runner:
             self._seal_outcome(result)
             if result.error is None and s.failures:
                 result.status = "items_failed"
-                result.error = ItemsFailedError(len(s.failures), s.produced, None)
+                # `mpipe run` writes this report whatever else it writes.
+                result.error = ItemsFailedError(len(s.failures), s.produced,
+                                                str(self.paths.default_report))
         result.wall_s = time.monotonic() - self._t0
         return result
 

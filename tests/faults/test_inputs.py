@@ -185,6 +185,11 @@ def test_a_workdir_whose_state_directory_cannot_be_made_exits_74(tmp_path: Path)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert str(tmp_path / ".mpipe") in proc.stderr, proc.stderr
     assert "a file is where a directory is needed" in proc.stderr, proc.stderr
+    # One error, the run's; the report that could not be written either is said after it.
+    lines = proc.stderr.splitlines()
+    assert [line for line in lines if line.startswith("mpipe: error:")] == [
+        f"mpipe: error: cannot write {tmp_path / '.mpipe'}: File exists"], proc.stderr
+    assert lines[-1].startswith("  also: cannot write the report "), proc.stderr
     assert (tmp_path / ".mpipe").read_text() == IN_THE_WAY  # left as it was
     assert not (tmp_path / "output").exists() and not (tmp_path / "results.h5").exists()
 

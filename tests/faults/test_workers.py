@@ -32,7 +32,8 @@ def report(workdir: Path) -> dict:  # type: ignore[type-arg]
 
 
 def fault_run(tmp_path: Path, fault: str, *, times: int | None = None, retries: int = 2,
-              timeout_s: float | None = None, tasks: int = 3):  # type: ignore[no-untyped-def]
+              timeout_s: float | None = None, tasks: int = 3,
+              extra: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
     make_inputs(tmp_path, tasks)
     stage_extra = f"retries: {retries}\n" + (f"timeout_s: {timeout_s}\n" if timeout_s else "")
     cfg = notes_config(tmp_path, tasks=tasks, repeat=0, workers=2, fn=FAULT_FN,
@@ -40,7 +41,7 @@ def fault_run(tmp_path: Path, fault: str, *, times: int | None = None, retries: 
     args = ["--set", f"params.fault={fault}", "--set", "params.fault_key=t001"]
     if times is not None:
         args += ["--set", f"params.fault_times={times}"]
-    return mpipe("run", cfg, *args)
+    return mpipe("run", cfg, *args, *extra)
 
 
 DEATHS = {
@@ -72,6 +73,21 @@ def test_worker_death_fails_the_item_with_its_cause(tmp_path: Path, fault: str) 
     assert doc["stages"]["compute"]["retries"] == 1
     assert doc["counts"]["committed"] == 2
     check_against_reference(tmp_path, 3, 0, expect_tasks=[0, 2])
+
+
+def test_a_failed_run_whose_extra_report_cannot_be_written_says_so_after_its_error(
+        tmp_path: Path) -> None:
+    in_the_way = tmp_path / "reports"
+    in_the_way.write_text("a file where --report needs a directory\n")
+    proc = fault_run(tmp_path, "raise", retries=0,
+                     extra=("--report", str(in_the_way / "run.json")))
+    assert proc.returncode == 1, proc.stderr  # the items' failure, not the report's (74)
+    lines = proc.stderr.splitlines()
+    assert [line for line in lines if line.startswith("mpipe: error:")] == [
+        f"mpipe: error: 1 of 3 items failed; details in {tmp_path / '.mpipe/notes/last-run.json'}"
+    ], proc.stderr
+    assert lines[-1].startswith(f"  also: cannot write the report {in_the_way / 'run.json'}: ")
+    assert report(tmp_path)["exit_code"] == 1  # the default report was written
 
 
 def test_hung_item_is_killed_at_timeout_and_retried(tmp_path: Path) -> None:
