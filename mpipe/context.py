@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing.synchronize import Event, Semaphore
+from multiprocessing.synchronize import Semaphore
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,26 @@ logger = logging.getLogger(__name__)
 
 IO_FLAG = 0
 CPU_FLAG = 1
+
+
+class StopFlag:
+    """The run's "stopping" flag, shared by every process: one byte of shared memory.
+
+    Not a ``multiprocessing.Event``: its ``is_set()`` takes a lock, and a worker
+    killed inside it (by ``timeout_s``, by the OOM killer) leaves that lock
+    taken for good (gh-88304), so the next ``is_set()`` anywhere, the runner's
+    included, never returns.  A byte that only ever goes from 0 to 1 needs no
+    lock to be read.
+    """
+
+    def __init__(self, byte: Any) -> None:
+        self._byte = byte  # a RawArray("b", 1)
+
+    def set(self) -> None:
+        self._byte[0] = 1
+
+    def is_set(self) -> bool:
+        return bool(self._byte[0])
 
 
 class PathEscapeError(ValueError):
@@ -126,7 +146,7 @@ class StageContext(WorkdirPaths):
     allow_outside_workdir: bool
     io_semaphore: Semaphore
     cpu_semaphore: Semaphore
-    stop_event: Event
+    stop_event: StopFlag
     flags: SlotFlags
     key: str = ""
     attempt: int = 1

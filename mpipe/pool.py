@@ -36,12 +36,12 @@ from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event, Semaphore
+from multiprocessing.synchronize import Semaphore
 from typing import Any, Protocol
 
 from mpipe import procs
 from mpipe.config import StageConfig
-from mpipe.context import CPU_FLAG, IO_FLAG
+from mpipe.context import CPU_FLAG, IO_FLAG, StopFlag
 from mpipe.errors import MpipeError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, ReplyBatch, Shutdown, WorkBatch, WorkItem
 from mpipe.retry import settle_failed_attempt
@@ -139,7 +139,7 @@ class Shared:
 
     lifeline: Connection
     cpu_semaphore: Semaphore
-    stop_event: Event
+    stop_event: StopFlag
     flags: Any  # RawArray('b', 2 * slots): [io_held, cpu_held] per worker slot
     running: Any  # RawArray('q', slots): index of the item the worker runs, -1 if none
 

@@ -26,12 +26,11 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
-from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
 from mpipe import imports, ledger, procs
-from mpipe.context import PathEscapeError, resolve_inside
+from mpipe.context import PathEscapeError, StopFlag, resolve_inside
 from mpipe.messages import (
     EndOfStream,
     ItemFailure,
@@ -84,7 +83,7 @@ def source_queue_bounds(queue_size: int) -> tuple[int, int]:
 
 
 def producer_main(
-    spec: ProducerSpec, out: Queue[bytes], lifeline: Connection, stop_event: Event
+    spec: ProducerSpec, out: Queue[bytes], lifeline: Connection, stop_event: StopFlag
 ) -> None:
     procs.child_setup("producer", lifeline, spec.log_level)
     ctx = SourceContext(spec.params, Path(spec.workdir), spec.allow_outside_workdir)

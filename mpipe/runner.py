@@ -81,6 +81,7 @@ from typing import Any, Protocol
 from mpipe import forkserver, imports, outputs, procs
 from mpipe.config import LoadedConfig
 from mpipe.consumer import ConsumerSpec, consumer_main
+from mpipe.context import StopFlag
 from mpipe.errors import (
     InterruptedRunError,
     ItemsFailedError,
@@ -283,7 +284,7 @@ class Runner:
         cfg = self.config
         forkserver.start()  # `mpipe run` started it already, overlapping its own imports
         self._lifeline_r, self._lifeline_w = self._mp.Pipe(duplex=False)
-        self.stop_event = self._mp.Event()
+        self.stop_event = StopFlag(self._mp.RawArray("b", 1))
         self.results_lock = self._mp.Lock()
         n_slots = sum(self.loaded.worker_count(name) for name in cfg.stages)
         self._flags = self._mp.RawArray("b", 2 * n_slots)

@@ -24,12 +24,12 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event, Semaphore
+from multiprocessing.synchronize import Semaphore
 from pathlib import Path
 from typing import Any, Protocol
 
 from mpipe import imports, procs
-from mpipe.context import SlotFlags, StageContext
+from mpipe.context import SlotFlags, StageContext, StopFlag
 from mpipe.errors import OutputError
 from mpipe.messages import (
     ItemDone,
@@ -72,7 +72,7 @@ def worker_main(
     lifeline: Connection,
     io_semaphore: Semaphore,
     cpu_semaphore: Semaphore,
-    stop_event: Event,
+    stop_event: StopFlag,
     flags: Any,
     running: Any,
 ) -> None:

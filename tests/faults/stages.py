@@ -78,6 +78,14 @@ def notes_with_fault(value: dict[str, int], ctx: StageContext) -> Any:
     return notes.process_task(value, ctx)
 
 
+def polls_stop(value: Any, ctx: StageContext) -> Any:
+    """A long stage that checks ``ctx.stop_requested()`` as fast as it can, as
+    the README suggests long stages do; here the run never stops on its own."""
+    while not ctx.stop_requested():
+        pass
+    return notes.process_task(value, ctx)
+
+
 def sleepy(value: Any, ctx: StageContext) -> Any:
     """Sleep ``$MPIPE_TEST_SLEEP_S`` (default 0.5) then do the notes work.
 

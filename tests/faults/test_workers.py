@@ -107,6 +107,20 @@ def test_hung_item_fails_for_good_after_retries(tmp_path: Path) -> None:
     check_against_reference(tmp_path, 3, 0, expect_tasks=[0, 2])
 
 
+def test_a_worker_killed_while_it_checks_for_a_stop_never_wedges_the_run(
+        tmp_path: Path) -> None:
+    # With a multiprocessing.Event, a worker killed inside is_set() kept its
+    # lock for good, and the runner's own next is_set() never returned.
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0, workers=1,
+                       fn="tests.faults.stages:polls_stop",
+                       stage_extra="timeout_s: 0.5\nretries: 1\n")
+    proc = mpipe("run", cfg, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    doc = report(tmp_path)
+    assert doc["counts"]["failed"] == 3 and doc["stages"]["compute"]["timeouts"] == 6
+
+
 def test_unpicklable_result_is_an_item_failure(tmp_path: Path) -> None:
     proc = fault_run(tmp_path, "unpicklable", retries=0)
     assert proc.returncode == 1, proc.stderr
