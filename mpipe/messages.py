@@ -23,6 +23,7 @@ message            from -> to             meaning
 ``ItemFailure``                           its value could not be pickled
 ``SourceFailed``   producer -> runner     the source function raised
 ``EndOfStream``    any -> its readers     one per reader; readers count them
+``WorkerReady``    worker -> runner       its stage is imported: send it work
 ``WorkBatch``      runner -> worker       run the stage on these ``WorkItem``s
 ``ReplyBatch``     worker -> runner       their outcomes, in order:
 ``ItemDone``                              the stage returned
@@ -104,6 +105,17 @@ class WorkItem(NamedTuple):
     key: str
     attempt: int
     value: bytes
+
+
+class WorkerReady(NamedTuple):
+    """Worker -> runner, once: its stage function is imported and it waits for work.
+
+    Until then the runner sends it nothing: an item's ``timeout_s`` does not
+    include a fresh worker's imports, and the runner never blocks sending to
+    a worker that is not reading yet.
+    """
+
+    pid: int
 
 
 class WorkBatch(NamedTuple):

@@ -23,12 +23,24 @@ it is running into shared memory, so a death is charged to that item alone;
 the others it held are handed out again without losing an attempt.  A stage
 with ``timeout_s`` keeps depth 1, so that an item's deadline starts when the
 item does.
+
+**Never two blocked senders.**  The runner and a worker both send on their
+pipe, and a send larger than the socket's buffer blocks until the other side
+reads.  A worker blocked sending replies reads nothing, so a runner blocked
+sending it more work would wait for ever, and the whole pipeline with it.  So
+the runner sends a worker that is busy only what fits in the buffer beside
+what it may not have read yet (:meth:`StagePool._fitting`); a large batch goes
+only to a worker that holds nothing, which is reading.  And a fresh worker
+gets nothing before it says :class:`WorkerReady` (its stage imported).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,7 +55,15 @@ from mpipe import procs
 from mpipe.config import StageConfig
 from mpipe.context import CPU_FLAG, IO_FLAG, StopFlag
 from mpipe.errors import MpipeError, PipelineBrokenError
-from mpipe.messages import ItemDone, ItemFailure, ReplyBatch, Shutdown, WorkBatch, WorkItem
+from mpipe.messages import (
+    ItemDone,
+    ItemFailure,
+    ReplyBatch,
+    Shutdown,
+    WorkBatch,
+    WorkerReady,
+    WorkItem,
+)
 from mpipe.retry import settle_failed_attempt
 from mpipe.worker import WorkerSpec, worker_main
 
@@ -131,6 +151,11 @@ class _Worker:
     deadline: float | None = None  # of held[0]; only with timeout_s (depth 1)
     killed: bool = False  # by us, for a timeout: not a crash
     exiting: bool = False  # its stage raised SystemExit: it is on its way out
+    ready: bool = False  # it said WorkerReady: its stage is imported
+    # Per batch sent and not fully answered: [items not answered, bytes it may
+    # not have read (0 once an answer shows it read the batch)]; their sum:
+    batches: deque[list[int]] = field(default_factory=deque)
+    unread: int = 0
 
 
 @dataclass
@@ -178,6 +203,7 @@ class StagePool:
         self._serial = 0
         self._depth = 1
         self._mean_busy_s: float | None = None
+        self._send_budget: int | None = None  # bytes; see _fitting
 
     # ----------------------------------------------------------------- life cycle
 
@@ -210,6 +236,8 @@ class StagePool:
         procs.start(process)
         logger.info("started %s (pid %s)", name, process.pid)
         worker_end.close()
+        if self._send_budget is None:
+            self._send_budget = _send_budget(runner_end)
         self._workers.append(_Worker(name=name, slot=slot, process=process, conn=runner_end))
         self._handlers = None
 
@@ -239,7 +267,7 @@ class StagePool:
         # Not process.exitcode: for a forkserver child each read is a poll()
         # system call, and this runs for every worker on every loop iteration.
         # A worker that died unnoticed gets its sentinel handled next.
-        return not w.exiting and not w.killed
+        return w.ready and not w.exiting and not w.killed
 
     def idle(self) -> int:
         return sum(1 for w in self._workers if not w.held and self._available(w))
@@ -255,8 +283,13 @@ class StagePool:
             take = min(self._depth - len(w.held), limit - sent, len(self.queue))
             if take <= 0 or not self._available(w):
                 continue
+            take, cost = self._fitting(w, take)
+            if take == 0:
+                continue
             batch = tuple(self.queue.popleft() for _ in range(take))
             w.held.extend(batch)
+            w.batches.append([take, cost])
+            w.unread += cost
             if self.config.timeout_s:
                 w.deadline = time.monotonic() + self.config.timeout_s
             try:
@@ -266,6 +299,23 @@ class StagePool:
                 pass
             sent += take
         return sent
+
+    def _fitting(self, w: _Worker, most: int) -> tuple[int, int]:
+        """How many of the queue's first ``most`` items ``w`` can be sent now, and their cost.
+
+        A busy worker may be blocked sending its replies, reading nothing:
+        it gets only what fits in the socket's buffer beside what it may
+        not have read.  A worker that holds nothing is reading (or about to):
+        it gets at least one item, whatever its size.
+        """
+        room = (self._send_budget or 0) - w.unread
+        n, cost = 0, MESSAGE_OVERHEAD
+        for item in itertools.islice(self.queue, most):
+            more = _cost(item)
+            if cost + more > room and (n or w.held):
+                break
+            n, cost = n + 1, cost + more
+        return n, cost
 
     def _adapt_depth(self, busy_s: float) -> None:
         mean = busy_s if self._mean_busy_s is None else 0.8 * self._mean_busy_s + 0.2 * busy_s
@@ -305,9 +355,12 @@ class StagePool:
 
     def _requeue_untouched(self, w: _Worker) -> None:
         # Items a worker held but never started go back to the front, in
-        # order, with their attempt count unchanged.
+        # order, with their attempt count unchanged.  The worker gets nothing
+        # more (it is dying or was killed).
         while w.held:
             self.queue.appendleft(w.held.pop())
+        w.batches.clear()
+        w.unread = 0
 
     # ---------------------------------------------------------------- events
 
@@ -325,6 +378,9 @@ class StagePool:
             message = w.conn.recv()
         except (EOFError, OSError):
             return False  # it died; the sentinel handles that
+        if isinstance(message, WorkerReady):
+            w.ready = True
+            return True
         assert isinstance(message, ReplyBatch), message
         for reply in message.replies:
             self._on_reply(w, reply)
@@ -335,6 +391,12 @@ class StagePool:
             # A late answer for an item already failed by timeout: ignore it.
             return
         item = w.held.popleft()
+        # An answer for an item of the oldest batch: the worker read that batch.
+        oldest = w.batches[0]
+        w.unread -= oldest[1]
+        oldest[0], oldest[1] = oldest[0] - 1, 0
+        if oldest[0] == 0:
+            w.batches.popleft()
         w.deadline = (time.monotonic() + self.config.timeout_s
                       if w.held and self.config.timeout_s else None)
         self._crash_streak = 0
@@ -399,6 +461,28 @@ class StagePool:
             stage=self.name, item=item, failure=failure, retries=self.config.retries,
             may_retry=not self._shared.stop_event.is_set(), stats=self.stats, queue=self.queue,
             on_failed=self._on_failed, on_fatal=self._on_fatal)
+
+
+# A WorkItem's pickled size beyond its value and key, with room to spare.
+ITEM_OVERHEAD = 128
+# What Linux may charge a message against the buffer beyond its bytes: a
+# buffer head of up to a page, a page of rounding, its own bookkeeping.
+MESSAGE_OVERHEAD = 8192
+
+
+def _cost(item: WorkItem) -> int:
+    return len(item.value) + len(item.key) + ITEM_OVERHEAD
+
+
+def _send_budget(conn: Connection) -> int:
+    """Bytes a worker that is not reading can be sent without the send blocking.
+
+    Half the socket's send buffer, which on Linux bounds what a Unix socket
+    holds unread, counted with the kernel's own overhead (MESSAGE_OVERHEAD
+    per message estimates it; the other half is the margin).
+    """
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)) // 2
 
 
 def _poll(conn: Connection) -> bool:

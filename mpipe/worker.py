@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 import traceback
 from collections import deque
@@ -37,6 +38,7 @@ from mpipe.messages import (
     ReplyBatch,
     Shutdown,
     WorkBatch,
+    WorkerReady,
     WorkItem,
     dumps,
     loads,
@@ -91,6 +93,7 @@ def worker_main(
         stop_event=stop_event,
         flags=SlotFlags(flags, spec.slot),
     )
+    conn.send(WorkerReady(os.getpid()))
     _serve(conn, fn, with_ctx, ctx, running, spec.slot)
 
 

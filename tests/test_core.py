@@ -128,6 +128,7 @@ def test_every_message_type_pickles() -> None:
         messages.SourceFailed("m", "tb"),
         messages.EndOfStream("producer"),
         messages.WorkItem(0, "k", 1, b"v"),
+        messages.WorkerReady(123),
         messages.WorkBatch((messages.WorkItem(0, "k", 1, b"v"),)),
         messages.ReplyBatch((failure,)),
         messages.ItemDone(0, "k", "w", b"v", 1.0, 0.5, 0.1),

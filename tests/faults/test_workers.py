@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -97,6 +98,31 @@ def test_hung_item_is_killed_at_timeout_and_retried(tmp_path: Path) -> None:
     assert time.monotonic() - start < 30
     check_against_reference(tmp_path, 3, 0)
     assert report(tmp_path)["stages"]["compute"]["timeouts"] == 1
+
+
+def test_timeout_s_counts_from_the_item_not_from_a_fresh_workers_imports(
+        tmp_path: Path) -> None:
+    # The stage module takes 1.5 s to import, timeout_s is 1 s, items take no
+    # time.  Item 0 kills its first worker: before, its retry and every item
+    # after it were sent to the fresh worker while it imported, timed out
+    # there, and so on until every item had failed "past timeout_s".
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        pipeline: slow-import
+        workdir: .
+        source: {fn: tests.faults.slow_import:numbers}
+        stages:
+          s: {fn: tests.faults.slow_import:quick_but_crashes_once, workers: 1,
+              timeout_s: 1.0, retries: 2}
+        writer: {path: results.h5}
+        allowed_modules: [tests.faults]
+        fsync: false
+        """))
+    proc = mpipe("run", cfg, "--quiet", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / ".mpipe/slow-import/last-run.json").read_text())
+    assert doc["counts"]["committed"] == 4
+    assert doc["stages"]["s"]["timeouts"] == 0 and doc["stages"]["s"]["deaths"] == 1
 
 
 def test_hung_item_fails_for_good_after_retries(tmp_path: Path) -> None:
