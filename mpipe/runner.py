@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import signal
 import socket
 import sqlite3
@@ -308,7 +309,10 @@ class Runner:
         # whole run: a child started by the forkserver opens named semaphores
         # by name after start() returns, and a collected one is unlinked under it.
         self._start_sealer()
-        self._sink_queue = self._mp.Queue(cfg.writer.queue_size)
+        # One message more than the batches that can be in it (each holds at
+        # least one of writer.queue_size items in flight): the EndOfStream
+        # always fits, so the runner never blocks on a consumer that died.
+        self._sink_queue = self._mp.Queue(cfg.writer.queue_size + 1)
         self._writer_queue = writer_queue = self._mp.Queue(cfg.writer.queue_size)
         self._sink_batch_max = max(1, min(512, cfg.writer.queue_size // 2))
         writer_spec = WriterSpec(str(self.paths.results_tmp), str(self.paths.ledger), cfg.fsync,
@@ -360,6 +364,10 @@ class Runner:
                          config_fingerprint(cfg, self.loaded.code), ledger, self.log_level,
                          pipeline_dir, self._limit, source_batch_max),
             self._source_queue, self._lifeline_r, self.stop_event))
+        # The producer has its copy of the write end: with the runner's closed,
+        # a producer killed halfway through a message is an EOF for the
+        # runner, not a read that waits for the rest for ever.
+        self._source_queue._writer.close()  # type: ignore[attr-defined]
         self._startup_s = time.monotonic() - self._t0
 
     def _start_sealer(self) -> None:
@@ -500,7 +508,7 @@ class Runner:
         # Read the source only while the first stage's queue has room: the
         # producer then blocks on the full source queue (backpressure).
         first = self._pools[0]
-        if not s.producer_ended and (s.stopping or (
+        if not s.producer_ended and not s.source_eof and (s.stopping or (
                 not s.source_backlog and len(first.queue) < first.config.queue_size)):
             # Same trick as concurrent.futures: wait on the queue's reader end.
             handlers[self._source_queue._reader] = self._on_source  # type: ignore[attr-defined]
@@ -612,9 +620,16 @@ class Runner:
         s = self._state
         # Take what is there while the first stage has room (a queue of small
         # messages is cheaper to drain in one go than one wake-up per batch).
-        while (not s.producer_ended and (everything or s.stopping or not s.source_backlog)
+        while (not s.producer_ended and not s.source_eof
+               and (everything or s.stopping or not s.source_backlog)
                and self._source_queue._reader.poll()):  # type: ignore[attr-defined]
-            message = loads(self._source_queue.get())
+            try:
+                message = loads(self._source_queue.get())
+            except (EOFError, OSError):
+                # The producer is gone, maybe halfway through a message: its
+                # sentinel says how (_on_producer_exit).
+                s.source_eof = True
+                return
             if isinstance(message, SourceBatch):
                 s.source_backlog.extend(message.items)
             elif isinstance(message, EndOfStream):
@@ -774,17 +789,29 @@ class Runner:
         busy = any(p.in_flight for p in self._pools)
         queued = any(p.queue for p in self._pools[1:]) or (
             not s.stopping and bool(self._pools[0].queue or s.source_backlog))
-        if s.stopping and s.grace_deadline is not None and now >= s.grace_deadline and busy:
-            for pool in self._pools:
-                for name in pool.busy_workers():
-                    logger.warning("grace period over: abandoning the item held by %s", name)
-                s.not_started += pool.in_flight + len(pool.queue)
-                pool.queue.clear()
-            procs.kill_now([p for pool in self._pools for p in pool.processes()])
-            for pool in self._pools:
-                pool.forget_items()
-            busy = queued = False
-        if s.hard_stop and not s.sink_closed:
+        if s.stopping and s.grace_deadline is not None and now >= s.grace_deadline:
+            # Acted on once: a deadline left in the past would make every
+            # later wait return at once (a busy loop until the run ends).
+            s.grace_deadline = None
+            if busy:
+                for pool in self._pools:
+                    for name in pool.busy_workers():
+                        logger.warning("grace period over: abandoning the item held by %s",
+                                       name)
+                    s.not_started += pool.in_flight + len(pool.queue)
+                    pool.queue.clear()
+                procs.kill_now([p for pool in self._pools for p in pool.processes()])
+                for pool in self._pools:
+                    pool.forget_items()
+                busy = queued = False
+            if not s.producer_exited:
+                # A source waiting inside its own code (polling, sleeping)
+                # would hold the run past its grace: it has nothing to commit.
+                logger.warning("grace period over: stopping the source")
+                procs.kill_now([self._producer])
+        if s.hard_stop:
+            # At once, also once the sink is closed: the consumer's and the
+            # writer's work is in the ledger or lost with an unsealed file.
             s.finished = True
             return
         if (s.producer_ended and not queued and not s.stopping and not s.cpu_bound_lifted
@@ -895,9 +922,15 @@ class Runner:
                 ready = wait([self._source_queue._reader, self._producer.sentinel],  # type: ignore[attr-defined]
                              deadline - time.monotonic())
                 if self._source_queue._reader in ready:  # type: ignore[attr-defined]
-                    self._source_queue.get()
+                    try:
+                        self._source_queue.get()
+                    except (EOFError, OSError):
+                        break  # it is gone
         if hasattr(self, "_sink_queue") and hasattr(self, "_state") and not self._state.sink_closed:
-            self._sink_queue.put(dumps(EndOfStream("runner")))
+            try:
+                self._sink_queue.put(dumps(EndOfStream("runner")), block=False)
+            except queue.Full:
+                pass  # a consumer that stopped reading: stopped below
             self._state.sink_closed = True
         procs.stop_processes(self._children, grace_s=min(grace_s, 10.0))
         if self._sealer is not None:
@@ -952,6 +985,7 @@ class _State:
     total: bytes | None = None
     producer_ended: bool = False
     producer_exited: bool = False
+    source_eof: bool = False  # the source queue's pipe ended without an EndOfStream
     consumer_exited: bool = False
     writer_exited: bool = False
     writers_seen_exit: set[int] = field(default_factory=set)
