@@ -12,12 +12,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mpipe.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def add_pipeline_dir(base_dir: Path) -> None:
@@ -96,7 +99,7 @@ def resolve(name: str, key: str, allowed: Sequence[str], base_dir: Path, *,
 
 
 def call_with_optional_context(fn: Callable[..., Any], *args: Any, ctx: Any) -> Any:
-    """Call ``fn(*args, ctx)`` if it takes one more argument, else ``fn(*args)``.
+    """Call ``fn(*args, ctx)`` if :func:`takes_context` says so, else ``fn(*args)``.
 
     Stages are plain functions; only those that need the context ask for it.
     """
@@ -105,15 +108,90 @@ def call_with_optional_context(fn: Callable[..., Any], *args: Any, ctx: Any) -> 
     return fn(*args)
 
 
+CTX = "ctx"
+# How many values come before ctx, by config key: fn(ctx) / fn(value, ctx).
+_N_ARGS = {"source.fn": 0, "prepare.fn": 0, "consumer.fn": 1, "stages.": 1}
+
+
 def takes_context(fn: Callable[..., Any], n_args: int) -> bool:
+    """Whether ``fn`` is called with ctx after its ``n_args`` values.
+
+    ctx is passed only when ``fn`` clearly asks for it: ctx always goes
+    positionally, right after the values (a stage's or consumer's second
+    parameter, a source's or prepare's first), and it goes there when the
+    parameter in that position
+
+    * is named ``ctx``, with or without a default (``def f(x, ctx=None)``), or
+    * has no default, whatever its name (``def load(task, context)``).
+
+    A parameter there with a default and another name keeps its default:
+    ``def last(x, negate=False)`` and ``def numbers(n=10)`` never get ctx.
+
+    The signature is ``inspect.signature``'s: it follows ``__wrapped__``
+    (``functools.wraps``), a ``functools.partial``'s remaining parameters and a
+    class's ``__call__``.  With no parameter in that position but a ``*args``
+    (a decorator's ``def wrapper(*args, **kwargs)`` without ``functools.wraps``):
+    if the wrapper's closure holds exactly one function, that function decides
+    by the same rule; otherwise ctx is not passed, and :func:`check_names`
+    warns.  A parameter named ``ctx`` elsewhere (keyword-only, after a
+    defaulted parameter, before the value) would never get it:
+    :func:`check_names` rejects it.
+    """
+    return _context_rule(fn, n_args)[0]
+
+
+def _context_rule(fn: Callable[..., Any], n_args: int, depth: int = 0
+                  ) -> tuple[bool, str | None]:
+    """(whether ctx is passed, None or the trouble: "misplaced", "ambiguous")."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return False
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return True
+        return False, None
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) > n_args
+    slot = positional[n_args] if len(positional) > n_args else None
+    passed = slot is not None and (slot.name == CTX or slot.default is slot.empty)
+    if any(p.name == CTX and p is not slot for p in params):
+        return passed, "misplaced"
+    if slot is None and any(p.kind is p.VAR_POSITIONAL for p in params):
+        inner = _wrapped_in_closure(fn)
+        if inner is not None and depth < 5:
+            return _context_rule(inner, n_args, depth + 1)
+        return False, "ambiguous"
+    return passed, None
+
+
+def _wrapped_in_closure(fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The one function a wrapper's closure holds (what it wraps), if just one."""
+    try:
+        outer = inspect.unwrap(fn)
+    except ValueError:  # a __wrapped__ cycle
+        return None
+    found = []
+    for cell in getattr(outer, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if inspect.isfunction(value) and value is not outer:
+            found.append(value)
+    return found[0] if len(found) == 1 else None
+
+
+def _check_context(fn: Callable[..., Any], key: str, name: str, where: str) -> None:
+    n_args = next((n for k, n in _N_ARGS.items() if key.startswith(k)), None)
+    if n_args is None:
+        return
+    _, trouble = _context_rule(fn, n_args)
+    form = "fn(ctx)" if n_args == 0 else "fn(value, ctx)"
+    if trouble == "misplaced":
+        raise ConfigError(
+            f"{key}: {name} has a parameter 'ctx' where the context is never passed{where}",
+            hint=f"ctx is passed positionally right after the value(s): {form}")
+    if trouble == "ambiguous":
+        logger.warning(
+            "%s: %s has *args where ctx would go%s, so it is called without ctx; if it "
+            "wraps a function, decorate the wrapper with functools.wraps; if it wants ctx, "
+            "name a parameter ctx: %s", key, name, where, form)
 
 
 # (config key, "module:function", where) of each function a config names.
@@ -133,6 +211,7 @@ def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path
     digests = {}
     for key, name, where in named:
         fn = resolve(name, key, allowed, base_dir, where=where)
+        _check_context(fn, key, name, where)
         if key.startswith("stages."):
             digests[key] = code_digest(fn, name.partition(":")[0])
     return digests
