@@ -48,7 +48,6 @@ import functools
 import importlib.util
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -62,7 +61,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpipe import imports
+from mpipe import imports, procs
 from mpipe.context import WorkdirPaths
 from mpipe.errors import ConfigError, MpipeError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, WorkItem
@@ -221,8 +220,7 @@ def dask_setup(worker: Any) -> None:
     worker exits when that pipe breaks (``distributed.process``).
     """
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.ignore_stop_signals()  # not SIG_IGN: what a stage starts gets the defaults
     except ValueError:  # not the main thread (a worker run in-process)
         pass
 

@@ -343,7 +343,7 @@ class StagePool:
                 self._requeue_untouched(w)
                 logger.warning("%s: item %s ran past timeout_s=%s; killing %s (pid %s)",
                                self.name, item.key, self.config.timeout_s, w.name, w.process.pid)
-                w.process.kill()
+                procs.kill_tree(w.process)
                 w.killed = True
                 w.deadline = None
                 self.stats.timeouts += 1

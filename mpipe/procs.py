@@ -3,7 +3,13 @@
 * Children ignore SIGINT and SIGTERM.  Ctrl-C and systemd signal the whole
   process group; the runner alone decides what a signal means (stop feeding,
   give in-flight items ``shutdown_grace_s``, commit, exit 130/143), and stops
-  its children itself.
+  its children itself.  They ignore them with a handler that does nothing,
+  not ``SIG_IGN``, which every program a stage starts would inherit (a
+  ``multiprocessing.Pool``'s workers, a ``subprocess``): a Pool's
+  ``terminate()`` then waited for ever on workers deaf to its SIGTERM.
+* A child killed by the runner (``timeout_s``, the end of the grace, a stuck
+  shutdown) takes the processes its stage started with it
+  (:func:`kill_tree`); so does one whose runner died.
 * The kernel does not kill a process whose parent dies.  Every child gets the
   read end of a *lifeline* pipe whose only write end the runner holds; a
   daemon thread blocks on it and exits the child when it reads EOF, i.e. when
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -36,8 +43,8 @@ LIFELINE_EXIT = 70
 
 def child_setup(name: str, lifeline: Connection, log_level: int) -> None:
     """First thing every child runs."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_stop_signals()
+    _multiprocessing_as_new()
     # `ps -o comm` and `top` show mpipe-compute-1, mpipe-writer, ... rather
     # than the forkserver's name (mpipe.forkstart).
     set_process_name(f"mpipe-{name}")
@@ -45,6 +52,41 @@ def child_setup(name: str, lifeline: Connection, log_level: int) -> None:
     # environment, which the forkserver inherited (see mpipe.logsetup).
     logsetup.configure_child(name, log_level)
     threading.Thread(target=_watch_lifeline, args=(lifeline,), name="lifeline", daemon=True).start()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_stop_signals() -> None:
+    """SIGINT and SIGTERM do nothing here, and have their defaults again in
+    whatever this process starts (see the module docstring).  Main thread only."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _ignore_signal)
+        signal.siginterrupt(signum, False)  # SA_RESTART: no EINTR in C extensions
+    # A process forked from here (multiprocessing's fork start) starts with
+    # the defaults; exec resets a handled signal by itself.
+    os.register_at_fork(after_in_child=_default_signals)
+
+
+def _multiprocessing_as_new() -> None:
+    """A stage's own ``multiprocessing.Pool`` gets Python's defaults, not mpipe's.
+
+    A child inherits the runner's multiprocessing settings: the start method
+    its children were made with (forkserver) and mpipe's forkserver preload
+    list, whose first module makes a forkserver ignore SIGTERM, and with it
+    every process it starts: the pool's workers, deaf to ``terminate()``.
+    """
+    multiprocessing.set_start_method(None, force=True)  # back to the platform's default
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__"])
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    pass
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def set_process_name(name: str) -> None:
@@ -61,8 +103,52 @@ def _watch_lifeline(lifeline: Connection) -> None:
         lifeline.recv_bytes()
     except (EOFError, OSError):
         pass
-    # The runner is gone: nobody will read our results or stop us.
+    # The runner is gone: nobody will read our results or stop us, nor what
+    # our stage started.
+    _kill_pids(descendants(os.getpid()))
     os._exit(LIFELINE_EXIT)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (its children, theirs, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return []  # no /proc: not Linux
+    for name in entries:
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_pids(pids: Iterable[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass  # exited meanwhile
+
+
+def kill_tree(process: BaseProcess) -> None:
+    """SIGKILL ``process`` and every process below it (what its stage started)."""
+    if process.pid is None or process.exitcode is not None:
+        return
+    below = descendants(process.pid)  # before the kill: then they are re-parented
+    process.kill()
+    _kill_pids(below)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -108,7 +194,7 @@ def stop_processes(
     alive = _wait_for_exit(alive, term_s)
     for p in alive:
         logger.warning("process %s (pid %s) ignored SIGTERM: SIGKILL", p.name, p.pid)
-        p.kill()
+        kill_tree(p)
     for p in _wait_for_exit(alive, 10.0):
         logger.error("process %s (pid %s) survived SIGKILL", p.name, p.pid)
 
@@ -132,7 +218,7 @@ def kill_now(procs: Iterable[BaseProcess]) -> None:
     for p in procs:
         if p.pid is not None and p.exitcode is None:
             logger.warning("killing %s (pid %s)", p.name, p.pid)
-            p.kill()
+            kill_tree(p)
     for p in procs:
         if p.pid is not None:
             p.join(10.0)

@@ -1,0 +1,57 @@
+"""Stages that start processes of their own, as users' stages do.
+
+``pooled`` maps over a ``multiprocessing.Pool`` with Python's default start
+method; ``sleeps_in_a_subprocess`` waits on ``sleep 60`` (a stuck external
+tool), for ``timeout_s`` to kill its worker; ``signals_seen`` reports the
+dispositions of SIGINT and SIGTERM in a process the stage forks and in one it
+execs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import subprocess
+import sys
+from typing import Any
+
+
+def _square(v: int) -> int:
+    return v * v
+
+
+def pooled(value: int) -> float:
+    with multiprocessing.Pool(2) as pool:
+        return float(sum(pool.map(_square, range(value + 1))))
+
+
+def sleeps_in_a_subprocess(value: int) -> float:
+    subprocess.run(["sleep", "60"], check=True)
+    return float(value)
+
+
+def _defaults() -> bool:
+    return (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+
+
+def _send_defaults(conn: Any) -> None:
+    conn.send(_defaults())
+
+
+def signals_seen(value: int) -> float:
+    """1.0 if a forked and an exec'd child both get the default dispositions."""
+    fork = multiprocessing.get_context("fork")
+    parent, child = fork.Pipe()
+    forked = fork.Process(target=_send_defaults, args=(child,))
+    forked.start()
+    forked_fine = parent.recv()
+    forked.join()
+    code = ("import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+            " and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)")
+    exec_fine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout.strip() == "True"
+    return float(forked_fine and exec_fine)
+
+def numbers(ctx: Any) -> range:
+    return range(int(ctx.params["n"]))

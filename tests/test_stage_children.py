@@ -1,0 +1,63 @@
+"""What a stage starts behaves as it would outside mpipe, and dies with its worker.
+
+mpipe's children ignore SIGINT and SIGTERM (the runner decides what a signal
+means), but a process a stage starts must not inherit that: a
+``multiprocessing.Pool`` used inside a stage hung in ``terminate()`` on workers
+deaf to its SIGTERM.  And a worker killed for ``timeout_s`` used to leave the
+programs its stage had started running, re-parented to init.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+
+from tests.conftest import mpipe
+
+
+def _config(workdir: Path, fn: str, *, n: int, stage_extra: str = "") -> Path:
+    cfg = workdir / "pipeline.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        pipeline: children
+        workdir: .
+        params: {{n: {n}}}
+        source: {{fn: tests.child_stages:numbers}}
+        stages:
+          s: {{fn: tests.child_stages:{fn}, workers: 2{stage_extra}}}
+        writer: {{path: results.h5}}
+        allowed_modules: [tests.child_stages]
+        fsync: false
+        """))
+    return cfg
+
+
+def _results(workdir: Path) -> list[float]:
+    with h5py.File(workdir / "results.h5") as f:
+        return [float(v) for v in f["results"][:]]
+
+
+def test_a_stage_can_use_a_multiprocessing_pool(tmp_path: Path) -> None:
+    proc = mpipe("run", _config(tmp_path, "pooled", n=4), "--quiet", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert _results(tmp_path) == [float(sum(v * v for v in range(i + 1))) for i in range(4)]
+
+
+def test_what_a_stage_starts_has_the_default_signal_dispositions(tmp_path: Path) -> None:
+    proc = mpipe("run", _config(tmp_path, "signals_seen", n=2), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(_results(tmp_path), [1.0, 1.0])
+
+
+def test_a_worker_killed_at_timeout_takes_what_its_stage_started(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "sleeps_in_a_subprocess", n=2,
+                  stage_extra=", timeout_s: 1.5, retries: 0")
+    proc = mpipe("run", cfg, "--quiet", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    # pytest is a child subreaper (conftest): an orphaned `sleep 60` would be ours.
+    left = [p for p in psutil.Process().children(recursive=True)
+            if p.name() == "sleep" and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, left
