@@ -63,6 +63,10 @@ def consumer_main(
             fn = imports.import_checked(spec.fn, spec.pipeline_dir)
             ctx = SourceContext(spec.params, Path(spec.workdir), spec.allow_outside_workdir)
             total = imports.call_with_optional_context(fn, iter(stream), ctx=ctx)
+            # Here, not when the file is sealed: the error names the consumer.
+            from mpipe.rows import as_row
+
+            as_row(total, f"the value consumer.fn {spec.fn} returns (stored as `total`)")
         stream.drain()
         conn.send(ConsumerDone(dumps(total)))
     except Exception as exc:

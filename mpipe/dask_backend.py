@@ -291,6 +291,7 @@ class TaskSpec:
     # to sys.path on a worker that cannot import it otherwise (a module next
     # to the pipeline file, on a shared filesystem).
     module_root: str | None = None
+    last_stage: bool = False  # see WorkerSpec
 
 
 @dataclass
@@ -362,7 +363,7 @@ def run_item(spec: TaskSpec, item: WorkItem) -> ItemDone | ItemFailure:
                            workdir=Path(spec.workdir), fsync=spec.fsync,
                            allow_outside_workdir=spec.allow_outside_workdir)
     # The same _run_one as a local worker: the failure kinds are identical.
-    reply, exit_code = _run_one(fn, with_ctx, ctx, item)
+    reply, exit_code = _run_one(fn, with_ctx, ctx, item, last_stage=spec.last_stage)
     if exit_code is not None and isinstance(reply, ItemFailure):
         # SystemExit in a Dask thread must not end the worker's other tasks.
         message = reply.message.removesuffix("; its worker exits")
@@ -421,7 +422,7 @@ class DaskStagePool:
         self.stats = StageStats()
         self._task = TaskSpec(stage=name, fn=spec.fn, params=spec.params, workdir=spec.workdir,
                               fsync=spec.fsync, allow_outside_workdir=spec.allow_outside_workdir,
-                              module_root=_module_root(spec.fn))
+                              module_root=_module_root(spec.fn), last_stage=spec.last_stage)
         self._on_done = on_done
         self._on_failed = on_failed
         self._on_fatal = on_fatal

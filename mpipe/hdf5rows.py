@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from mpipe.messages import ItemFailure, SinkItem, loads
+from mpipe.rows import as_row
 
 # A chunk holds at most this many rows, and as many as fit in CHUNK_BYTES (at
 # least one): a chunk is allocated whole at its first write, so 64 rows of 5 MB
@@ -73,7 +74,7 @@ class RowWriter:
         mixed = False  # a row's dtype differs from the results' (or the first row's)
         for message in batch:
             try:
-                row = _as_row(loads(message.value))
+                row = as_row(loads(message.value), "the last stage's value")
                 if shape is None:
                     shape, dtype = row.shape, row.dtype
                 elif row.shape != shape:
@@ -271,12 +272,3 @@ def seal(f: h5py.File, items: int, total: Any, metadata: dict[str, Any]) -> None
 def library_versions() -> dict[str, str]:
     return {"numpy": np.__version__, "h5py": h5py.__version__,
             "hdf5": h5py.version.hdf5_version}
-
-
-def _as_row(value: Any) -> np.ndarray[Any, Any]:
-    row = np.asarray(value)
-    if row.dtype.kind not in "biuf":
-        raise TypeError(
-            f"the last stage must return a number or a numeric array, got {type(value).__name__}"
-        )
-    return row

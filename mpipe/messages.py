@@ -139,8 +139,9 @@ class ItemFailure(NamedTuple):
     """Why one attempt at one item failed.
 
     ``kind`` is ``"raised"`` (the stage function raised), ``"died"`` (the worker
-    process died holding the item), ``"timeout"`` (it ran past ``timeout_s``) or
-    ``"pickle"`` (its value or result could not be pickled).
+    process died holding the item), ``"timeout"`` (it ran past ``timeout_s``),
+    ``"pickle"`` (its value or result could not be pickled) or ``"result"``
+    (the last stage returned something results.h5 cannot hold).
     """
 
     seq: int

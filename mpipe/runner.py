@@ -336,13 +336,15 @@ class Runner:
         consumer_end.close()
 
         first_slot = 0
+        last_stage = list(cfg.stages)[-1]
         for name, stage_cfg in cfg.stages.items():
             workers = self.loaded.worker_count(name)
 
             def spec(worker_name: str, slot: int, stage: str = name, fn: str = stage_cfg.fn
                      ) -> WorkerSpec:
                 return WorkerSpec(stage, worker_name, slot, fn, params, workdir, cfg.fsync,
-                                  cfg.allow_outside_workdir, self.log_level, pipeline_dir)
+                                  cfg.allow_outside_workdir, self.log_level, pipeline_dir,
+                                  last_stage=stage == last_stage)
 
             pool: Pool
             if self.loaded.stage_backend(name) == "dask":

@@ -66,6 +66,7 @@ class WorkerSpec:
     allow_outside_workdir: bool
     log_level: int
     pipeline_dir: str
+    last_stage: bool = False  # its values go to results.h5: they must be numbers
 
 
 def worker_main(
@@ -94,7 +95,7 @@ def worker_main(
         flags=SlotFlags(flags, spec.slot),
     )
     conn.send(WorkerReady(os.getpid()))
-    _serve(conn, fn, with_ctx, ctx, running, spec.slot)
+    _serve(conn, fn, with_ctx, ctx, running, spec.slot, spec.last_stage)
 
 
 # Replies of quick items are sent together; a reply never waits longer than this.
@@ -103,7 +104,7 @@ REPLY_BATCH_MAX = 64
 
 
 def _serve(conn: Connection, fn: Any, with_ctx: bool, ctx: StageContext, running: Any,
-           slot: int) -> None:
+           slot: int, last_stage: bool) -> None:
     inbox: deque[WorkItem] = deque()
     replies: list[ItemDone | ItemFailure] = []
     oldest_reply = 0.0
@@ -136,7 +137,7 @@ def _serve(conn: Connection, fn: Any, with_ctx: bool, ctx: StageContext, running
         # Written before the item starts, so that if this process dies the
         # runner charges the death to this item and no other (see mpipe.pool).
         running[slot] = item.seq
-        reply, exit_code = _run_one(fn, with_ctx, ctx, item)
+        reply, exit_code = _run_one(fn, with_ctx, ctx, item, last_stage=last_stage)
         running[slot] = -1
         if not replies:
             oldest_reply = time.perf_counter()
@@ -164,7 +165,7 @@ class RunContext(Protocol):
 
 
 def _run_one(
-    fn: Any, with_ctx: bool, ctx: RunContext, item: WorkItem
+    fn: Any, with_ctx: bool, ctx: RunContext, item: WorkItem, *, last_stage: bool = False
 ) -> tuple[ItemDone | ItemFailure, int | None]:
     ctx.key, ctx.attempt, ctx.io_s, ctx.cpu_wait_s = item.key, item.attempt, 0.0, 0.0
     started_at = time.time()
@@ -201,6 +202,15 @@ def _run_one(
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
         message = f"the stage raised {type(exc).__name__}{exc.args!r}; its worker exits"
         return failure("exit", message, exc), code
+    if last_stage:
+        # Here, not in the writer: the consumer folds the value first, and
+        # a None there would break the whole run, blamed on the consumer.
+        from mpipe.rows import as_row
+
+        try:
+            as_row(result, "the last stage's value")
+        except TypeError as exc:
+            return failure("result", str(exc)), None
     try:
         payload = dumps(result)
     except Exception as exc:

@@ -1,0 +1,26 @@
+"""What a value must be to be stored in results.h5: a number or a numeric array.
+
+Checked where the value is made, so that a bad one is named where it comes
+from: the last stage's worker fails the item (before the consumer folds it),
+the consumer process refuses its own total (before the results file is
+sealed), and the writer checks every row again.  Imported only where numpy
+already is (workers, the consumer, the writers), never by the runner.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def as_row(value: Any, what: str) -> np.ndarray[Any, Any]:
+    """``value`` as a numeric array; TypeError naming ``what`` otherwise."""
+    try:
+        row = np.asarray(value)
+    except ValueError as exc:  # a ragged list
+        raise TypeError(f"{what} must be a number or a numeric array: {exc}") from None
+    if row.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{what} must be a number or a numeric array, got {type(value).__name__}")
+    return row
