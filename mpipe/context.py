@@ -156,21 +156,30 @@ class StageContext(WorkdirPaths):
 
     @contextmanager
     def io(self) -> Iterator[None]:
-        """Hold one of the stage's ``io_slots`` for a block of file IO."""
+        """Hold one of the stage's ``io_slots`` for a block of file IO (nested: the same one)."""
+        nested = self.flags.held(IO_FLAG)
         start = time.perf_counter()
         with self._slot(self.io_semaphore, IO_FLAG):
             yield
-        self.io_s += time.perf_counter() - start
+        if not nested:  # counted once, by the outer block
+            self.io_s += time.perf_counter() - start
 
     @contextmanager
     def cpu(self) -> Iterator[None]:
-        """Hold one of the pipeline's ``cpu_slots`` for a block of compute."""
+        """Hold one of the pipeline's ``cpu_slots`` for a block of compute (nested: the same)."""
         with self._slot(self.cpu_semaphore, CPU_FLAG) as waited:
             self.cpu_wait_s += waited
             yield
 
     @contextmanager
     def _slot(self, semaphore: Semaphore, which: int) -> Iterator[float]:
+        if self.flags.held(which):
+            # Nested (a helper that takes ctx.cpu() called inside another
+            # ctx.cpu() block): the worker already holds the slot.  Taking a
+            # second would wait for ever once every slot is held this way, and
+            # the inner block's end would clear the outer one's flag.
+            yield 0.0
+            return
         start = time.perf_counter()
         semaphore.acquire()
         self.flags.set(which, True)

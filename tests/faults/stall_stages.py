@@ -48,3 +48,17 @@ def slow_total(values: Iterable[float], ctx: Any) -> float:
         time.sleep(float(ctx.params.get("per_item_s", 0)))
     time.sleep(float(ctx.params.get("end_s", 0)))
     return total
+
+
+def _helper_that_computes(value: int, ctx: Any) -> float:
+    with ctx.cpu():  # also called on its own elsewhere
+        return float(value * 2)
+
+
+def nested_cpu(value: int, ctx: Any) -> float:
+    """Takes a cpu slot, then calls a helper that takes one too."""
+    with ctx.cpu():
+        time.sleep(0.1)
+        with ctx.io(), ctx.io():
+            pass
+        return _helper_that_computes(value, ctx)

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import h5py
 import psutil
 
 from tests.conftest import mpipe, start_mpipe
@@ -112,3 +113,15 @@ def test_past_the_grace_the_runner_waits_without_spinning_and_a_second_signal_en
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert time.monotonic() - sent < 10, err
+
+
+def test_a_stage_that_takes_a_cpu_slot_inside_another_does_not_wait_for_itself(
+        tmp_path: Path) -> None:
+    # Two workers, one cpu slot: each held one slot and waited for a second.
+    cfg = _config(tmp_path, params="{n: 6}", source="numbers", stage="nested_cpu",
+                  extra="cpu_slots: 1\n")
+    cfg.write_text(cfg.read_text().replace("workers: 1", "workers: 2"))
+    proc = mpipe("run", cfg, "--quiet", cwd=tmp_path, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(tmp_path / "results.h5") as f:
+        assert sorted(f["results"][:].tolist()) == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
