@@ -48,8 +48,13 @@ def code_digest(fn: Callable[..., Any], module_name: str) -> str:
     config names it (``module:function``)."""
     functions = [f for f in _unwrapped(fn) if isinstance(f, types.FunctionType)]
     if functions:
+        # Home is the module the config names, not the innermost function's:
+        # a decorator from another module without functools.wraps leaves only
+        # its wrapper, whose closure holds the stage defined here.
+        named = sys.modules.get(module_name)
+        home = vars(named) if named is not None else functions[-1].__globals__
         try:
-            return _Walk(functions[-1].__globals__).digest(functions)
+            return _Walk(home).digest(functions)
         except Exception as exc:  # a user object this walk did not foresee
             # The whole module then, rather than no run at all; said, since a walk
             # that fails only sometimes would flip the digest and redo items.

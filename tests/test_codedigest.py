@@ -119,6 +119,22 @@ def test_the_last_line_of_a_long_expression_and_a_decorated_stage(load: Loader) 
                   "spread") != before
 
 
+def test_a_stage_behind_another_modules_decorator_without_wraps(load: Loader) -> None:
+    # Only the wrapper is visible (no __wrapped__); the stage is in its closure.
+    text = V1 + textwrap.dedent("""\
+
+        from tests.codedigest_deco import timed
+
+
+        @timed
+        def doubled(value):
+            return value * 2
+        """)
+    before = digest(load(text), "doubled")
+    assert digest(load(text.replace("value * 2", "value * 3")), "doubled") != before
+    assert digest(load(text + "\n# a comment\n"), "doubled") == before
+
+
 def test_a_stage_that_is_not_a_plain_function_is_covered_by_its_whole_module(
         load: Loader) -> None:
     before = digest(load(V1), "scale_partial")
