@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,25 @@ def resolve(name: str, key: str, allowed: Sequence[str], base_dir: Path, *,
     except ImportError as exc:
         raise ConfigError(f"{key}: cannot import {module_name!r}: {exc}{where}") from exc
     except Exception as exc:
-        raise ConfigError(f"{key}: importing {module_name!r} raised {exc!r}{where}") from exc
+        # The user's traceback: the line of their module that raised.
+        raise ConfigError(f"{key}: importing {module_name!r} raised {type(exc).__name__}: "
+                          f"{exc}{where}\n{_user_traceback(exc)}") from exc
     fn = getattr(module, attr, None)
     if fn is None:
         raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}{where}")
     if not callable(fn):
         raise ConfigError(f"{key}: {name} is not callable{where}")
     return fn  # type: ignore[no-any-return]
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback from the user's code on: no importlib or mpipe frames."""
+    mine = str(Path(__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(("<frozen ", mine)) and "importlib" not in f.filename]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames),
+             *traceback.format_exception_only(exc)]
+    return "".join(lines).rstrip()
 
 
 def call_with_optional_context(fn: Callable[..., Any], *args: Any, ctx: Any) -> Any:

@@ -55,6 +55,10 @@ def settle_failed_attempt(
         queue.appendleft(item._replace(attempt=item.attempt + 1))
         return
     stats.failed += 1
-    logger.error("%s: item %s failed for good after %d attempt(s): %s",
-                 stage, item.key, item.attempt, failure.message)
+    # The stage's first failure shows where in the user's code it happened;
+    # the others only say what, not to bury the log (every one is in the report).
+    where = (f"\n{failure.traceback.rstrip()}" if stats.failed == 1 and failure.traceback
+             else " (its traceback is in the run report)" if failure.traceback else "")
+    logger.error("%s: item %s failed for good after %d attempt(s): %s%s",
+                 stage, item.key, item.attempt, failure.message, where)
     on_failed(stage, failure)

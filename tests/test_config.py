@@ -80,7 +80,9 @@ def test_a_module_that_raises_or_crashes_on_import_is_a_config_error(tmp_path: P
     (tmp_path / "crashing_stage.py").write_text(
         "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     cases = [("raising_stage", ["stages.compute.fn", "importing 'raising_stage' raised",
-                                "boom at import", "line 7"]),
+                                "boom at import", "line 7",
+                                # the user's traceback, to the line that raised
+                                'raising_stage.py", line 1, in <module>']),
              ("crashing_stage", ["killed the process that checked them", "SIGSEGV"])]
     for module, expected in cases:
         cfg = write(tmp_path, GOOD.replace("mpipe.workloads.notes:process_task", f"{module}:f"))

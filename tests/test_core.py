@@ -114,6 +114,8 @@ def test_stage_error_names_stage_item_worker_and_others_go_on(tmp_path: Path) ->
     assert failure["key"] == "t002" and failure["stage"] == "compute"
     assert failure["worker"].startswith("compute-")
     assert "InjectedFault" in failure["message"] and "Traceback" in failure["traceback"]
+    # The log shows where in the user's code: the stage's first failure's traceback.
+    assert 'faults/stages.py", line' in proc.stderr and "in inject" in proc.stderr, proc.stderr
     check_against_reference(tmp_path, 4, 1, expect_tasks=[0, 1, 3])
 
 
