@@ -363,4 +363,4 @@ def locate(path: Path, lines: Mapping[str, int], key: str) -> str:
         if line is not None:
             return f", {path.name} line {line}"
         parts.pop()
-    return f", {path.name}" if not key else f", {path.name} (set on the command line)"
+    return f", {path.name}"  # a key the file lacks: no line to point at

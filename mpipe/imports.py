@@ -78,6 +78,13 @@ def resolve(name: str, key: str, allowed: Sequence[str], base_dir: Path, *,
             hint="check the spelling; a module of your own goes next to the pipeline file",
         )
     if not is_allowed(module_name, allowed, base_dir):
+        mine = [p for p in (base_dir / f"{top}.py", base_dir / top) if p.exists()]
+        if mine:
+            spec = importlib.util.find_spec(top)
+            raise ConfigError(
+                f"{key}: {mine[0]} has the name of another module, {top!r} from "
+                f"{spec.origin if spec else '?'}, which Python finds first{where}",
+                hint="rename your file (and the name in the config)")
         raise ConfigError(
             f"{key}: module {module_name!r} is not allowed{where}",
             hint=(

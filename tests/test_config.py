@@ -65,12 +65,24 @@ def test_bad_config_exits_2_naming_key_and_line(
     assert proc.returncode == 2, proc.stderr
     for fragment in expected:
         assert fragment in proc.stderr, f"{fragment!r} not in:\n{proc.stderr}"
+    assert "command line" not in proc.stderr, proc.stderr  # nothing was set there
     # Before any process started: no run state, no outputs.
     assert not (tmp_path / ".mpipe").exists()
     assert not (tmp_path / "output").exists()
     assert not (tmp_path / "pwned").exists()
     validate = mpipe("validate", cfg)
     assert validate.returncode == 2
+
+
+def test_a_stage_file_named_like_a_standard_module_is_told_to_be_renamed(
+        tmp_path: Path) -> None:
+    # It is next to the pipeline file: "put it next to the pipeline file" misled.
+    (tmp_path / "signal.py").write_text("def f(x):\n    return x\n")
+    cfg = write(tmp_path, GOOD.replace("mpipe.workloads.notes:process_task", "signal:f"))
+    proc = mpipe("run", cfg, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{tmp_path / 'signal.py'} has the name of another module" in proc.stderr
+    assert "rename your file" in proc.stderr and "next to" not in proc.stderr, proc.stderr
 
 
 def test_a_module_that_raises_or_crashes_on_import_is_a_config_error(tmp_path: Path) -> None:
