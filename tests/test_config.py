@@ -79,7 +79,7 @@ def test_a_stage_file_named_like_a_standard_module_is_told_to_be_renamed(
     # It is next to the pipeline file: "put it next to the pipeline file" misled.
     (tmp_path / "signal.py").write_text("def f(x):\n    return x\n")
     cfg = write(tmp_path, GOOD.replace("mpipe.workloads.notes:process_task", "signal:f"))
-    proc = mpipe("run", cfg, cwd=tmp_path)
+    proc = mpipe("run", cfg)  # not from tmp_path: `python -m` would import it as signal
     assert proc.returncode == 2, proc.stderr
     assert f"{tmp_path / 'signal.py'} has the name of another module" in proc.stderr
     assert "rename your file" in proc.stderr and "next to" not in proc.stderr, proc.stderr
