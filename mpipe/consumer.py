@@ -63,12 +63,12 @@ def consumer_main(
             fn = imports.import_checked(spec.fn, spec.pipeline_dir)
             ctx = SourceContext(spec.params, Path(spec.workdir), spec.allow_outside_workdir)
             total = imports.call_with_optional_context(fn, iter(stream), ctx=ctx)
-            # Here, not when the file is sealed: the error names the consumer.
-            from mpipe.rows import as_row
-
-            as_row(total, f"the value consumer.fn {spec.fn} returns (stored as `total`)")
+            _check_total(total, spec.fn)
         stream.drain()
         conn.send(ConsumerDone(dumps(total)))
+    except _BadTotal as exc:
+        conn.send(ProcessFailed("consumer", str(exc), ""))
+        stream.drain()
     except Exception as exc:
         conn.send(ProcessFailed("consumer", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         stream.drain()
@@ -80,6 +80,26 @@ def consumer_main(
         # exiting earlier would lose the writer's last items.
         to_writer.close()
         to_writer.join_thread()
+
+
+class _BadTotal(Exception):
+    """The consumer returned what results.h5 cannot store as ``total``."""
+
+
+def _check_total(total: Any, fn: str) -> None:
+    # Here, not when the file is sealed: the error names the consumer.  None
+    # (a consumer that only logs) stores no total; complex numbers are stored.
+    if total is None:
+        return
+    from mpipe.rows import as_row
+
+    try:
+        as_row(total, f"the value consumer.fn {fn} returns (stored as `total`)", "biufc")
+    except TypeError as exc:
+        raise _BadTotal(str(exc)) from None
+    except Exception as exc:
+        raise _BadTotal(f"the value consumer.fn {fn} returns cannot be made a numeric "
+                        f"array: {type(exc).__name__}: {exc}") from None
 
 
 class _Stream:

@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 
 
-def as_row(value: Any, what: str) -> np.ndarray[Any, Any]:
-    """``value`` as a numeric array; TypeError naming ``what`` otherwise."""
+def as_row(value: Any, what: str, kinds: str = "biuf") -> np.ndarray[Any, Any]:
+    """``value`` as a numeric array of one of numpy's ``kinds``; TypeError naming
+    ``what`` otherwise."""
     try:
         row = np.asarray(value)
-    except ValueError as exc:  # a ragged list
+    except (ValueError, OverflowError) as exc:  # a ragged list; an int beyond 64 bits
         raise TypeError(f"{what} must be a number or a numeric array: {exc}") from None
-    if row.dtype.kind not in "biuf":
+    if row.dtype.kind not in kinds:
         raise TypeError(
             f"{what} must be a number or a numeric array, got {type(value).__name__}")
     return row

@@ -686,7 +686,8 @@ class Runner:
             self._state.total = message.value
         elif isinstance(message, ProcessFailed):
             self._state.errors.append(PipelineBrokenError(
-                f"the consumer function raised {message.message}\n{message.traceback}"))
+                f"the consumer function raised {message.message}\n{message.traceback}"
+                if message.traceback else message.message))  # no traceback: mpipe's check
             self._request_stop(grace_s=self.config.shutdown_grace_s)
         return True
 

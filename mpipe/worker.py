@@ -202,6 +202,11 @@ def _run_one(
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
         message = f"the stage raised {type(exc).__name__}{exc.args!r}; its worker exits"
         return failure("exit", message, exc), code
+    try:
+        payload = dumps(result)
+    except Exception as exc:
+        message = f"the stage returned a {type(result).__name__} that cannot be pickled: {exc}"
+        return failure("pickle", message, exc), None
     if last_stage:
         # Here, not in the writer: the consumer folds the value first, and
         # a None there would break the whole run, blamed on the consumer.
@@ -209,13 +214,11 @@ def _run_one(
 
         try:
             as_row(result, "the last stage's value")
-        except TypeError as exc:
-            return failure("result", str(exc)), None
-    try:
-        payload = dumps(result)
-    except Exception as exc:
-        message = f"the stage returned a {type(result).__name__} that cannot be pickled: {exc}"
-        return failure("pickle", message, exc), None
+        except Exception as exc:  # TypeError; or whatever a value's __array__ raises
+            message = str(exc) if isinstance(exc, TypeError) else (
+                f"the last stage's value cannot be made a numeric array: "
+                f"{type(exc).__name__}: {exc}")
+            return failure("result", message), None
     done = ItemDone(
         seq=item.seq,
         key=item.key,

@@ -21,3 +21,25 @@ def total(values: Iterable[float]) -> float:
 def summary(values: Iterable[float]) -> dict[str, float]:
     listed = list(values)
     return {"n": len(listed), "mean": sum(listed) / len(listed)}
+
+
+def as_float(value: int) -> float:
+    return float(value)
+
+
+def log_only(values: Iterable[float]) -> None:
+    for _ in values:
+        pass
+
+
+def complex_total(values: Iterable[float]) -> complex:
+    return complex(sum(values), 1.0)
+
+
+class _Unarrayable:
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("this value refuses to become an array")
+
+
+def unarrayable(value: int) -> Any:
+    return _Unarrayable() if value == 1 else float(value)

@@ -11,10 +11,13 @@ import json
 import textwrap
 from pathlib import Path
 
+import h5py
+import pytest
+
 from tests.conftest import mpipe
 
 
-def _config(workdir: Path, consumer: str) -> Path:
+def _config(workdir: Path, consumer: str, stage: str = "none_for_two") -> Path:
     cfg = workdir / "pipeline.yaml"
     cfg.write_text(textwrap.dedent(f"""\
         pipeline: results
@@ -22,7 +25,7 @@ def _config(workdir: Path, consumer: str) -> Path:
         params: {{n: 4}}
         source: {{fn: tests.result_stages:numbers}}
         stages:
-          last: {{fn: tests.result_stages:none_for_two, workers: 2, retries: 0}}
+          last: {{fn: tests.result_stages:{stage}, workers: 2, retries: 0}}
         consumer: {{fn: tests.result_stages:{consumer}}}
         writer: {{path: results.h5}}
         allowed_modules: [tests.result_stages]
@@ -46,4 +49,23 @@ def test_a_consumer_returning_a_dict_is_named(tmp_path: Path) -> None:
     proc = mpipe("run", cfg, "--quiet", cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert "consumer.fn tests.result_stages:summary" in proc.stderr, proc.stderr
-    assert "got dict" in proc.stderr, proc.stderr
+    assert "got dict" in proc.stderr and "raised" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("consumer", "total"), [("log_only", None), ("complex_total", 6 + 1j)])
+def test_a_consumer_returning_none_or_a_complex_number_is_stored_as_before(
+        tmp_path: Path, consumer: str, total: complex | None) -> None:
+    proc = mpipe("run", _config(tmp_path, consumer, stage="as_float"), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(tmp_path / "results.h5") as f:
+        assert (f["total"][()] if "total" in f else None) == total
+
+
+def test_a_value_whose_array_conversion_raises_fails_its_item_not_its_worker(
+        tmp_path: Path) -> None:
+    proc = mpipe("run", _config(tmp_path, "total", stage="unarrayable"), "--quiet",
+                 cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads((tmp_path / ".mpipe/results/last-run.json").read_text())
+    [failure] = doc["failures"]
+    assert failure["kind"] == "result" and "refuses to become an array" in failure["message"]
