@@ -48,13 +48,14 @@ def code_digest(fn: Callable[..., Any], module_name: str) -> str:
     config names it (``module:function``)."""
     functions = [f for f in _unwrapped(fn) if isinstance(f, types.FunctionType)]
     if functions:
-        # Home is the module the config names, not the innermost function's:
-        # a decorator from another module without functools.wraps leaves only
-        # its wrapper, whose closure holds the stage defined here.
+        # Home is the module the config names and the one that defines the
+        # stage: a decorator from another module without functools.wraps
+        # leaves only its wrapper (the stage is in its closure), and a package
+        # may re-export a stage defined in one of its modules.
         named = sys.modules.get(module_name)
-        home = vars(named) if named is not None else functions[-1].__globals__
+        homes = [functions[-1].__globals__] + ([vars(named)] if named is not None else [])
         try:
-            return _Walk(home).digest(functions)
+            return _Walk(homes).digest(functions)
         except Exception as exc:  # a user object this walk did not foresee
             # The whole module then, rather than no run at all; said, since a walk
             # that fails only sometimes would flip the digest and redo items.
@@ -65,10 +66,10 @@ def code_digest(fn: Callable[..., Any], module_name: str) -> str:
 
 
 class _Walk:
-    """Everything one stage reaches in its own module (``home``: its globals)."""
+    """Everything one stage reaches in its own modules (``homes``: their globals)."""
 
-    def __init__(self, home: dict[str, Any]) -> None:
-        self.home = home
+    def __init__(self, homes: list[dict[str, Any]]) -> None:
+        self.homes = homes
         self.hash = hashlib.sha256()
         self.seen: set[int] = set()  # ids, only while the walk runs (never hashed)
 
@@ -117,11 +118,14 @@ class _Walk:
             # Functions of this module, also behind a decorator (lru_cache, or one
             # from another module that used functools.wraps).
             for inner in _unwrapped(value):
-                if isinstance(inner, types.FunctionType) and inner.__globals__ is self.home:
+                if isinstance(inner, types.FunctionType) and self.at_home(inner.__globals__):
                     self.function(inner)
 
     def defined_here(self, cls: type) -> bool:
-        return getattr(sys.modules.get(cls.__module__), "__dict__", None) is self.home
+        return self.at_home(getattr(sys.modules.get(cls.__module__), "__dict__", None))
+
+    def at_home(self, globals_: object) -> bool:
+        return any(globals_ is home for home in self.homes)
 
     def cls(self, cls: type) -> None:
         """A class and its bases from this module: what a method it inherits does counts."""

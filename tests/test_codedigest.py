@@ -135,6 +135,36 @@ def test_a_stage_behind_another_modules_decorator_without_wraps(load: Loader) ->
     assert digest(load(text + "\n# a comment\n"), "doubled") == before
 
 
+def test_a_stage_a_package_re_exports_follows_its_own_modules_helpers(tmp_path: Path) -> None:
+    # fn: userpkg:stage, defined in userpkg/impl.py with its helper and constant.
+    def digest_of(factor: str) -> str:
+        root = tmp_path / f"f{factor}"
+        (root / "userpkg").mkdir(parents=True)
+        (root / "userpkg" / "__init__.py").write_text("from userpkg.impl import stage\n")
+        (root / "userpkg" / "impl.py").write_text(textwrap.dedent(f"""\
+            FACTOR = {factor}
+
+
+            def helper(value):
+                return value * FACTOR
+
+
+            def stage(value):
+                return helper(value)
+            """))
+        for name in ("userpkg", "userpkg.impl"):
+            sys.modules.pop(name, None)
+        sys.path.insert(0, str(root))
+        try:
+            return code_digest(importlib.import_module("userpkg").stage, "userpkg")
+        finally:
+            sys.path.remove(str(root))
+            for name in ("userpkg", "userpkg.impl"):
+                sys.modules.pop(name, None)
+
+    assert digest_of("2") != digest_of("100")
+
+
 def test_a_stage_that_is_not_a_plain_function_is_covered_by_its_whole_module(
         load: Loader) -> None:
     before = digest(load(V1), "scale_partial")
