@@ -150,12 +150,14 @@ def takes_context(fn: Callable[..., Any], n_args: int) -> bool:
     The signature is ``inspect.signature``'s: it follows ``__wrapped__``
     (``functools.wraps``), a ``functools.partial``'s remaining parameters and a
     class's ``__call__``.  With no parameter in that position but a ``*args``
-    (a decorator's ``def wrapper(*args, **kwargs)`` without ``functools.wraps``):
-    if the wrapper's closure holds exactly one function, that function decides
-    by the same rule; otherwise ctx is not passed, and :func:`check_names`
-    warns.  A parameter named ``ctx`` elsewhere (keyword-only, after a
-    defaulted parameter, before the value) would never get it:
-    :func:`check_names` rejects it.
+    (a decorator's ``def wrapper(*args, **kwargs)`` without ``functools.wraps``,
+    or a decorator class's ``__call__``): if the wrapper holds exactly one
+    function (in its closure, or as an attribute), that function decides by the
+    same rule; otherwise ctx is passed, as ``*args`` always got it, and
+    :func:`check_names` warns.  A parameter named ``ctx`` without a default
+    elsewhere (keyword-only, after a defaulted parameter, before the value)
+    would never get it, and every call would fail: :func:`check_names` rejects
+    it.  One with a default (``functools.partial(f, ctx=...)``) keeps it.
     """
     return _context_rule(fn, n_args)[0]
 
@@ -170,30 +172,35 @@ def _context_rule(fn: Callable[..., Any], n_args: int, depth: int = 0
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     slot = positional[n_args] if len(positional) > n_args else None
     passed = slot is not None and (slot.name == CTX or slot.default is slot.empty)
-    if any(p.name == CTX and p is not slot for p in params):
+    # A ctx that can never be passed and has no value: every call would fail.
+    # (One with a default, e.g. bound by functools.partial(f, ctx=...), is fine.)
+    if any(p.name == CTX and p is not slot and p.default is p.empty for p in params):
         return passed, "misplaced"
     if slot is None and any(p.kind is p.VAR_POSITIONAL for p in params):
-        inner = _wrapped_in_closure(fn)
+        inner = _wrapped(fn)
         if inner is not None and depth < 5:
             return _context_rule(inner, n_args, depth + 1)
-        return False, "ambiguous"
+        return True, "ambiguous"  # as before this rule: *args gets ctx
     return passed, None
 
 
-def _wrapped_in_closure(fn: Callable[..., Any]) -> Callable[..., Any] | None:
-    """The one function a wrapper's closure holds (what it wraps), if just one."""
+def _wrapped(fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The one function a wrapper holds (what it wraps), if just one: in a
+    closure (a decorator function) or in an instance's attributes (a decorator
+    class whose ``__call__`` takes ``*args``)."""
     try:
         outer = inspect.unwrap(fn)
     except ValueError:  # a __wrapped__ cycle
         return None
-    found = []
+    held: list[object] = []
     for cell in getattr(outer, "__closure__", None) or ():
         try:
-            value = cell.cell_contents
+            held.append(cell.cell_contents)
         except ValueError:  # an empty cell
             continue
-        if inspect.isfunction(value) and value is not outer:
-            found.append(value)
+    if not inspect.isfunction(outer) and not inspect.ismethod(outer):
+        held += list(getattr(outer, "__dict__", {}).values())
+    found = [v for v in held if inspect.isfunction(v) and v is not outer]
     return found[0] if len(found) == 1 else None
 
 
@@ -209,9 +216,9 @@ def _check_context(fn: Callable[..., Any], key: str, name: str, where: str) -> N
             hint=f"ctx is passed positionally right after the value(s): {form}")
     if trouble == "ambiguous":
         logger.warning(
-            "%s: %s has *args where ctx would go%s, so it is called without ctx; if it "
-            "wraps a function, decorate the wrapper with functools.wraps; if it wants ctx, "
-            "name a parameter ctx: %s", key, name, where, form)
+            "%s: %s takes *args where ctx would go%s, so it is passed ctx; if it wraps a "
+            "function that takes none, decorate the wrapper with functools.wraps", key,
+            name, where)
 
 
 # (config key, "module:function", where) of each function a config names.

@@ -122,15 +122,15 @@ STAGE_FORMS: dict[str, tuple[Callable[..., Any], bool]] = {
     "value, ctx positional-only": (value_ctx_positional_only, True),
     "value, ctx, defaulted param": (value_ctx_then_default, True),
     "value, keyword-only ctx": (value_kwonly_ctx, False),
-    "value, *rest": (value_args, False),
-    "*args, **kwargs alone": (only_args, False),
+    "value, *rest": (value_args, True),  # *args got ctx before the rule: still does
+    "*args, **kwargs alone": (only_args, True),
     "wraps-decorated value only": (_wraps_decorator(value_only), False),
     "wraps-decorated value, ctx": (_wraps_decorator(value_ctx), True),
     "wraps-decorated value, defaulted param": (_wraps_decorator(last), False),
     "plain wrapper of value only": (_plain_decorator(value_only), False),
     "plain wrapper of value, ctx": (_plain_decorator(value_ctx), True),
     "plain wrapper of value, defaulted param": (_plain_decorator(last), False),
-    "wrapper holding two functions": (_two_function_decorator(value_ctx), False),
+    "wrapper holding two functions": (_two_function_decorator(value_ctx), True),
     "class with __call__(x, ctx)": (Stage(), True),
     "class with __call__(x, scale=3)": (Scaled(), False),
     "partial leaving (x, ctx=None)": (functools.partial(scale_by, 2.0), True),
@@ -224,12 +224,41 @@ def fine(x, ctx=None):
     return x
 
 
-def kwonly(x, *, ctx=None):
+def kwonly(x, *, ctx):
     return x
 
 
-def after_default(x, negate=False, ctx=None):
+def after_default(x, negate=False, *, ctx):
     return x
+
+
+def bound(x, *, ctx):
+    return (x, ctx)
+
+
+bound_ctx = functools.partial(bound, ctx="bound on purpose")
+
+
+class Timed:
+    """A decorator class: __call__ takes *args; the function it wraps decides."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def _wants_ctx(x, ctx):
+    return x
+
+
+def _no_ctx(x, negate=False):
+    return x
+
+
+timed_wants = Timed(_wants_ctx)
+timed_no = Timed(_no_ctx)
 
 
 def stage_of_ctx_only(ctx):
@@ -294,7 +323,7 @@ def test_only_args_is_called_without_ctx_and_warned_about(
     [record] = caplog.records
     assert record.levelno == logging.WARNING
     assert "stages.c.fn" in record.getMessage()
-    assert "called without ctx" in record.getMessage()
+    assert "so it is passed ctx" in record.getMessage()
     assert "functools.wraps" in record.getMessage()
 
 
@@ -333,3 +362,19 @@ def test_a_run_leaves_a_defaulted_param_at_its_default(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "results.h5") as f:
         assert f["results"][:].tolist() == [2.0, 4.0, 6.0]  # not negated
         assert f["done"][:].all()
+
+
+def test_a_ctx_bound_by_partial_and_decorator_classes_are_fine(
+    checked_module: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import importlib
+
+    caplog.set_level(logging.WARNING, logger="mpipe")
+    check_names([("stages.a.fn", f"{checked_module}:bound_ctx", ""),
+                 ("stages.b.fn", f"{checked_module}:timed_wants", ""),
+                 ("stages.c.fn", f"{checked_module}:timed_no", "")], [], tmp_path)
+    assert not caplog.records
+    module = importlib.import_module(checked_module)
+    assert not takes_context(module.bound_ctx, 1)
+    assert takes_context(module.timed_wants, 1)
+    assert not takes_context(module.timed_no, 1)
