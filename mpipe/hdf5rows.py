@@ -117,10 +117,23 @@ class RowWriter:
         """
         messages = {m.seq: m for m in batch}
         current = self._dtype
-        dtypes = {r[2].dtype for r in rows}
-        target = current if current is not None else dtypes.pop()
-        for dtype in dtypes:
-            target = common_dtype(target, dtype)
+        while True:
+            dtypes = {r[2].dtype for r in rows}
+            target = current if current is not None else dtypes.pop()
+            for dtype in dtypes:
+                target = common_dtype(target, dtype)
+            # A row even the common dtype cannot hold exactly (a uint64 beyond
+            # 2**53 among ints: float64) is rejected before it widens anything.
+            unfit = [r for r in rows if r[2].dtype != target and _exactly(r[2], target) is None]
+            if not unfit or (len(unfit) == len(rows) and current is None):
+                break
+            for seq, _, row in unfit:
+                rejected.append(_rejection(messages[seq], (
+                    f"it is {row.dtype} with values that {target} cannot hold exactly "
+                    f"(the results mix number types, so they would be stored as {target})")))
+            rows = [r for r in rows if all(r is not u for u in unfit)]
+            if not rows:
+                return rows, current if current is not None else target
         if current is not None and target != current and not self._retype(target):
             # A row already written would change: the rows that need the wider
             # dtype are the ones rejected.

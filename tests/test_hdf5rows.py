@@ -64,6 +64,18 @@ def test_mixed_int_and_float_rows_give_the_same_file_in_any_finish_order(
     assert h5["done"][:].all()
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1)])
+def test_a_row_the_common_dtype_cannot_hold_does_not_widen_the_results(
+        h5: h5py.File, order: tuple[int, ...]) -> None:
+    # uint64 2**64-1 with int64 makes float64, which holds neither it nor 2**62+1:
+    # it is rejected without retyping the results, whatever the order.
+    values = [np.int64(1), np.uint64(2**64 - 1), np.int64(2**62 + 1)]
+    rejected = write_batches(h5, *([item(seq, values[seq])] for seq in order))
+    assert [r.key for r in rejected] == ["k1"]
+    assert h5["results"].dtype == np.int64
+    assert h5["results"][0] == 1 and h5["results"][2] == 2**62 + 1
+
+
 def test_float64_rows_are_written_as_they_are(h5: h5py.File) -> None:
     rng = np.random.default_rng(0)
     data = rng.standard_normal((300, 26))
