@@ -363,7 +363,12 @@ def run_item(spec: TaskSpec, item: WorkItem) -> ItemDone | ItemFailure:
                            workdir=Path(spec.workdir), fsync=spec.fsync,
                            allow_outside_workdir=spec.allow_outside_workdir)
     # The same _run_one as a local worker: the failure kinds are identical.
-    reply, exit_code = _run_one(fn, with_ctx, ctx, item, last_stage=spec.last_stage)
+    if spec.last_stage:
+        from mpipe.rows import as_row
+
+        reply, exit_code = _run_one(fn, with_ctx, ctx, item, row_check=as_row)
+    else:
+        reply, exit_code = _run_one(fn, with_ctx, ctx, item)
     if exit_code is not None and isinstance(reply, ItemFailure):
         # SystemExit in a Dask thread must not end the worker's other tasks.
         message = reply.message.removesuffix("; its worker exits")

@@ -3,10 +3,14 @@
 * Children ignore SIGINT and SIGTERM.  Ctrl-C and systemd signal the whole
   process group; the runner alone decides what a signal means (stop feeding,
   give in-flight items ``shutdown_grace_s``, commit, exit 130/143), and stops
-  its children itself.  They ignore them with a handler that does nothing,
-  not ``SIG_IGN``, which every program a stage starts would inherit (a
-  ``multiprocessing.Pool``'s workers, a ``subprocess``): a Pool's
-  ``terminate()`` then waited for ever on workers deaf to its SIGTERM.
+  its children itself.  SIGINT with ``SIG_IGN``, which what a stage starts
+  inherits too: a Ctrl-C does not kill a stage's tool mid-item.  SIGTERM with
+  a handler that does nothing, which exec and fork give back as the default:
+  a ``multiprocessing.Pool`` in a stage stops its workers with SIGTERM, and
+  with ``SIG_IGN`` inherited its ``terminate()`` waited for ever.  The price:
+  a SIGTERM sent to the whole group (``kill -TERM -PGID``, systemd's
+  ``KillMode=control-group``) ends a stage's own processes at once, and those
+  items fail; mpipe's processes still commit what finished.
 * A child killed by the runner (``timeout_s``, the end of the grace, a stuck
   shutdown) takes the processes its stage started with it
   (:func:`kill_tree`); so does one whose runner died.
@@ -54,18 +58,18 @@ def child_setup(name: str, lifeline: Connection, log_level: int) -> None:
     threading.Thread(target=_watch_lifeline, args=(lifeline,), name="lifeline", daemon=True).start()
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
 def ignore_stop_signals() -> None:
-    """SIGINT and SIGTERM do nothing here, and have their defaults again in
-    whatever this process starts (see the module docstring).  Main thread only."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _ignore_signal)
-        signal.siginterrupt(signum, False)  # SA_RESTART: no EINTR in C extensions
-    # A process forked from here (multiprocessing's fork start) starts with
-    # the defaults; exec resets a handled signal by itself.
-    os.register_at_fork(after_in_child=_default_signals)
+    """SIGINT and SIGTERM do nothing here; what this process starts ignores
+    SIGINT too and has SIGTERM's default (see the module docstring).  Main
+    thread only."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _ignore_signal)
+    # SA_RESTART: reads and writes resume after a SIGTERM; poll, select and
+    # sleeps still return EINTR, which Python retries (PEP 475).
+    signal.siginterrupt(signal.SIGTERM, False)
+    # A process forked from here (multiprocessing's fork start) gets the
+    # default; exec resets a handled signal by itself.
+    os.register_at_fork(after_in_child=_default_sigterm)
 
 
 def _multiprocessing_as_new() -> None:
@@ -84,8 +88,7 @@ def _ignore_signal(signum: int, frame: object) -> None:
     pass
 
 
-def _default_signals() -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def _default_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

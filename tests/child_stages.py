@@ -2,9 +2,9 @@
 
 ``pooled`` maps over a ``multiprocessing.Pool`` with Python's default start
 method; ``sleeps_in_a_subprocess`` waits on ``sleep 60`` (a stuck external
-tool), for ``timeout_s`` to kill its worker; ``signals_seen`` reports the
+tool), for ``timeout_s`` to kill its worker; ``signals_seen`` checks the
 dispositions of SIGINT and SIGTERM in a process the stage forks and in one it
-execs.
+execs; ``runs_a_tool`` runs ``sleep`` for ``params.tool_s``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def sleeps_in_a_subprocess(value: int) -> float:
 
 
 def _defaults() -> bool:
-    return (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    return (signal.getsignal(signal.SIGINT) == signal.SIG_IGN
             and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
 
 
@@ -40,14 +40,16 @@ def _send_defaults(conn: Any) -> None:
 
 
 def signals_seen(value: int) -> float:
-    """1.0 if a forked and an exec'd child both get the default dispositions."""
+    """1.0 if a forked and an exec'd child both ignore SIGINT (a Ctrl-C to the
+    group must not end them mid-item) and have SIGTERM's default (their own
+    parent, a Pool, stops them with it)."""
     fork = multiprocessing.get_context("fork")
     parent, child = fork.Pipe()
     forked = fork.Process(target=_send_defaults, args=(child,))
     forked.start()
     forked_fine = parent.recv()
     forked.join()
-    code = ("import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+    code = ("import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN"
             " and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)")
     exec_fine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                check=True).stdout.strip() == "True"
@@ -55,3 +57,8 @@ def signals_seen(value: int) -> float:
 
 def numbers(ctx: Any) -> range:
     return range(int(ctx.params["n"]))
+
+
+def runs_a_tool(value: int, ctx: Any) -> float:
+    subprocess.run(["sleep", str(ctx.params.get("tool_s", 2))], check=True)
+    return float(value)

@@ -9,14 +9,18 @@ programs its stage had started running, re-parented to init.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import textwrap
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import psutil
 
-from tests.conftest import mpipe
+from tests.conftest import mpipe, start_mpipe
 
 
 def _config(workdir: Path, fn: str, *, n: int, stage_extra: str = "") -> Path:
@@ -46,7 +50,7 @@ def test_a_stage_can_use_a_multiprocessing_pool(tmp_path: Path) -> None:
     assert _results(tmp_path) == [float(sum(v * v for v in range(i + 1))) for i in range(4)]
 
 
-def test_what_a_stage_starts_has_the_default_signal_dispositions(tmp_path: Path) -> None:
+def test_what_a_stage_starts_ignores_sigint_and_has_sigterms_default(tmp_path: Path) -> None:
     proc = mpipe("run", _config(tmp_path, "signals_seen", n=2), "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(_results(tmp_path), [1.0, 1.0])
@@ -61,3 +65,23 @@ def test_a_worker_killed_at_timeout_takes_what_its_stage_started(tmp_path: Path)
     left = [p for p in psutil.Process().children(recursive=True)
             if p.name() == "sleep" and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, left
+
+
+def test_ctrl_c_to_the_group_lets_a_stages_tool_finish_within_the_grace(
+        tmp_path: Path) -> None:
+    # Ctrl-C reaches every process of the foreground group, a stage's
+    # `sleep` too: it must not end the tool (and fail the item) mid-item.
+    cfg = _config(tmp_path, "runs_a_tool", n=2)
+    cfg.write_text(cfg.read_text().replace("params: {n: 2}", "params: {n: 2, tool_s: 2}")
+                   + "shutdown_grace_s: 20\n")
+    proc = start_mpipe("run", cfg, "--quiet", cwd=tmp_path, start_new_session=True)
+    runner = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 30
+    while not any(p.name() == "sleep" for p in runner.children(recursive=True)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    doc = json.loads((tmp_path / ".mpipe/children/last-run.json").read_text())
+    assert doc["counts"]["failed"] == 0 and doc["counts"]["committed"] == 2, doc["counts"]
