@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -153,11 +154,14 @@ class StageContext(WorkdirPaths):
     io_s: float = 0.0
     cpu_wait_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Slots this thread holds, by kind: nesting is per thread, so threads of
+    # one stage each take their own slot.
+    _held: threading.local = field(default_factory=threading.local, repr=False)
 
     @contextmanager
     def io(self) -> Iterator[None]:
         """Hold one of the stage's ``io_slots`` for a block of file IO (nested: the same one)."""
-        nested = self.flags.held(IO_FLAG)
+        nested = getattr(self._held, f"kind{IO_FLAG}", False)
         start = time.perf_counter()
         with self._slot(self.io_semaphore, IO_FLAG):
             yield
@@ -173,9 +177,10 @@ class StageContext(WorkdirPaths):
 
     @contextmanager
     def _slot(self, semaphore: Semaphore, which: int) -> Iterator[float]:
-        if self.flags.held(which):
+        kind = f"kind{which}"
+        if getattr(self._held, kind, False):
             # Nested (a helper that takes ctx.cpu() called inside another
-            # ctx.cpu() block): the worker already holds the slot.  Taking a
+            # ctx.cpu() block): this thread already holds the slot.  Taking a
             # second would wait for ever once every slot is held this way, and
             # the inner block's end would clear the outer one's flag.
             yield 0.0
@@ -183,9 +188,11 @@ class StageContext(WorkdirPaths):
         start = time.perf_counter()
         semaphore.acquire()
         self.flags.set(which, True)
+        setattr(self._held, kind, True)
         try:
             yield time.perf_counter() - start
         finally:
+            setattr(self._held, kind, False)
             self.flags.set(which, False)
             semaphore.release()
 

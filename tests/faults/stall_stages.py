@@ -62,3 +62,20 @@ def nested_cpu(value: int, ctx: Any) -> float:
         with ctx.io(), ctx.io():
             pass
         return _helper_that_computes(value, ctx)
+
+
+def threads_take_turns(value: int, ctx: Any) -> float:
+    """Three threads each hold ctx.io() for 0.3 s; returns the seconds it took."""
+    import threading
+
+    def use_the_disk() -> None:
+        with ctx.io():
+            time.sleep(0.3)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=use_the_disk) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - start
