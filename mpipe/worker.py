@@ -23,6 +23,7 @@ import os
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Semaphore
@@ -107,6 +108,11 @@ def _serve(conn: Connection, fn: Any, with_ctx: bool, ctx: StageContext, running
            slot: int, last_stage: bool) -> None:
     inbox: deque[WorkItem] = deque()
     replies: list[ItemDone | ItemFailure] = []
+    row_check: Callable[[Any, str], Any] | None = None
+    if last_stage:
+        from mpipe.rows import as_row
+
+        row_check = as_row
     oldest_reply = 0.0
 
     def flush() -> None:
@@ -137,7 +143,7 @@ def _serve(conn: Connection, fn: Any, with_ctx: bool, ctx: StageContext, running
         # Written before the item starts, so that if this process dies the
         # runner charges the death to this item and no other (see mpipe.pool).
         running[slot] = item.seq
-        reply, exit_code = _run_one(fn, with_ctx, ctx, item, last_stage=last_stage)
+        reply, exit_code = _run_one(fn, with_ctx, ctx, item, row_check=row_check)
         running[slot] = -1
         if not replies:
             oldest_reply = time.perf_counter()
@@ -165,8 +171,10 @@ class RunContext(Protocol):
 
 
 def _run_one(
-    fn: Any, with_ctx: bool, ctx: RunContext, item: WorkItem, *, last_stage: bool = False
+    fn: Any, with_ctx: bool, ctx: RunContext, item: WorkItem, *,
+    row_check: Callable[[Any, str], Any] | None = None,
 ) -> tuple[ItemDone | ItemFailure, int | None]:
+    """Run one item; ``row_check`` (mpipe.rows.as_row) for the last stage's values."""
     ctx.key, ctx.attempt, ctx.io_s, ctx.cpu_wait_s = item.key, item.attempt, 0.0, 0.0
     started_at = time.time()
     start = time.perf_counter()
@@ -207,13 +215,11 @@ def _run_one(
     except Exception as exc:
         message = f"the stage returned a {type(result).__name__} that cannot be pickled: {exc}"
         return failure("pickle", message, exc), None
-    if last_stage:
+    if row_check is not None:
         # Here, not in the writer: the consumer folds the value first, and
         # a None there would break the whole run, blamed on the consumer.
-        from mpipe.rows import as_row
-
         try:
-            as_row(result, "the last stage's value")
+            row_check(result, "the last stage's value")
         except Exception as exc:  # TypeError; or whatever a value's __array__ raises
             message = str(exc) if isinstance(exc, TypeError) else (
                 f"the last stage's value cannot be made a numeric array: "
