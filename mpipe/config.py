@@ -133,6 +133,9 @@ class StageConfig:
     io_slots: Annotated[int | None, Rule(ge=1)] = None  # workers in file IO at once
     retries: Annotated[int, Rule(ge=0)] = 2
     timeout_s: Annotated[float | None, Rule(gt=0)] = None
+    # A fresh worker that has not imported its stage in this long is killed,
+    # as a start-up crash; default: with timeout_s, max(30, timeout_s).
+    startup_timeout_s: Annotated[float | None, Rule(gt=0)] = None
 
 
 @dataclass(frozen=True)

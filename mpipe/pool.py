@@ -72,6 +72,10 @@ logger = logging.getLogger(__name__)
 # A stage whose fresh workers die this many times in a row without finishing
 # an item is broken (an import error, a crash at start-up): stop, don't loop.
 CRASH_LOOP_LIMIT = 5
+# With timeout_s, a fresh worker that has not imported its stage in
+# max(this, timeout_s) seconds is killed, as a start-up crash (a hung import),
+# unless the stage's startup_timeout_s says otherwise.
+STARTUP_LIMIT_S = 30.0
 
 
 @dataclass
@@ -152,6 +156,8 @@ class _Worker:
     killed: bool = False  # by us, for a timeout: not a crash
     exiting: bool = False  # its stage raised SystemExit: it is on its way out
     ready: bool = False  # it said WorkerReady: its stage is imported
+    started: float = 0.0  # time.monotonic() at start, for the start-up limit
+    stuck_at_start: bool = False  # killed for not getting ready in time
     # Per batch sent and not fully answered: [items not answered, bytes it may
     # not have read (0 once an answer shows it read the batch)]; their sum:
     batches: deque[list[int]] = field(default_factory=deque)
@@ -238,7 +244,8 @@ class StagePool:
         worker_end.close()
         if self._send_budget is None:
             self._send_budget = _send_budget(runner_end)
-        self._workers.append(_Worker(name=name, slot=slot, process=process, conn=runner_end))
+        self._workers.append(_Worker(name=name, slot=slot, process=process, conn=runner_end,
+                                     started=time.monotonic()))
         self._handlers = None
 
     def processes(self) -> list[BaseProcess]:
@@ -331,13 +338,34 @@ class StagePool:
             w.held.clear()
             w.deadline, w.killed = None, True
 
+    def _startup_limit_s(self) -> float | None:
+        # startup_timeout_s, or for a stage with timeout_s max(STARTUP_LIMIT_S,
+        # timeout_s) (a fresh worker may import torch); else none: without
+        # them nothing in mpipe has a time limit.
+        if self.config.startup_timeout_s is not None:
+            return self.config.startup_timeout_s
+        timeout = self.config.timeout_s
+        return max(STARTUP_LIMIT_S, timeout) if timeout else None
+
     def next_deadline(self) -> float | None:
         deadlines = [w.deadline for w in self._workers if w.held and w.deadline]
+        limit = self._startup_limit_s()
+        if limit is not None:
+            deadlines += [w.started + limit for w in self._workers
+                          if not w.ready and not w.killed]
         return min(deadlines) if deadlines else None
 
     def expire(self, now: float) -> None:
-        """Kill workers whose item ran past ``timeout_s``; fail or retry it."""
+        """Kill workers whose item ran past ``timeout_s``; fail or retry it.  Kill
+        workers that did not import their stage within the start-up limit."""
+        limit = self._startup_limit_s()
         for w in self._workers:
+            if limit is not None and not w.ready and not w.killed and w.started + limit <= now:
+                logger.warning("%s (pid %s) did not import its stage within %.0fs; killing it",
+                               w.name, w.process.pid, limit)
+                procs.kill_tree(w.process)
+                w.killed = w.stuck_at_start = True
+                continue
             if w.held and w.deadline is not None and w.deadline <= now:
                 item = w.held.popleft()
                 self._requeue_untouched(w)
@@ -433,7 +461,7 @@ class StagePool:
                 seq=culprit.seq, key=culprit.key, stage=self.name, worker=w.name,
                 kind="died", message=f"worker {w.name} {how}",
             ))
-        elif not w.killed and not self._shared.stop_event.is_set():
+        elif (not w.killed or w.stuck_at_start) and not self._shared.stop_event.is_set():
             self._crash_streak += 1
             if self._crash_streak >= CRASH_LOOP_LIMIT:
                 raise PipelineBrokenError(

@@ -796,17 +796,18 @@ class Runner:
             # Acted on once: a deadline left in the past would make every
             # later wait return at once (a busy loop until the run ends).
             s.grace_deadline = None
-            if busy:
-                for pool in self._pools:
-                    for name in pool.busy_workers():
-                        logger.warning("grace period over: abandoning the item held by %s",
-                                       name)
-                    s.not_started += pool.in_flight + len(pool.queue)
-                    pool.queue.clear()
-                procs.kill_now([p for pool in self._pools for p in pool.processes()])
-                for pool in self._pools:
-                    pool.forget_items()
-                busy = queued = False
+            # Also when nothing is busy: items may wait in a later stage's
+            # queue for workers still importing their stage, which would
+            # then run them all, with no limit.
+            for pool in self._pools:
+                for name in pool.busy_workers():
+                    logger.warning("grace period over: abandoning the item held by %s", name)
+                s.not_started += pool.in_flight + len(pool.queue)
+                pool.queue.clear()
+            procs.kill_now([p for pool in self._pools for p in pool.processes()])
+            for pool in self._pools:
+                pool.forget_items()
+            busy = queued = False
             if not s.producer_exited:
                 # A source waiting inside its own code (polling, sleeping)
                 # would hold the run past its grace: it has nothing to commit.

@@ -6,6 +6,7 @@ fixes named in docs/RELIABILITY.md, "Dead and stuck workers" and "Signals".
 
 from __future__ import annotations
 
+import json
 import signal
 import textwrap
 import time
@@ -135,3 +136,49 @@ def test_threads_of_a_stage_each_take_their_own_slot(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     with h5py.File(tmp_path / "results.h5") as f:
         assert f["results"][0] >= 0.85  # three turns of 0.3 s, one at a time
+
+
+def _import_stall_config(workdir: Path, extra: str) -> Path:
+    cfg = workdir / "pipeline.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        pipeline: stalls
+        workdir: .
+        params: {{n: 6}}
+        source: {{fn: tests.faults.import_stall:numbers}}
+        stages:
+          fast: {{fn: tests.faults.import_stall:same, workers: 2}}
+          slow: {{fn: tests.faults.import_stall:as_float, workers: 1{extra}}}
+        writer: {{path: results.h5}}
+        allowed_modules: [tests.faults]
+        fsync: false
+        """))
+    return cfg
+
+
+def test_the_grace_ends_in_time_while_items_wait_for_a_worker_still_importing(
+        tmp_path: Path) -> None:
+    # Nothing was busy at the grace's end, so nothing was abandoned: once its
+    # import ended, the worker ran every queued item, however long.
+    cfg = _import_stall_config(tmp_path, "")
+    cfg.write_text(cfg.read_text() + "shutdown_grace_s: 1\n")
+    proc = start_mpipe("run", cfg, "--quiet", cwd=tmp_path, env={"MPIPE_TEST_IMPORT_S": "30"})
+    _child_named(psutil.Process(proc.pid), "mpipe-slow-1")
+    time.sleep(1.5)  # the fast stage is done; the items wait for slow
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - sent < 10, err
+    doc = json.loads((tmp_path / ".mpipe/stalls/last-run.json").read_text())
+    assert doc["counts"]["not_started"] == 6 and doc["counts"]["committed"] == 0, doc["counts"]
+
+
+def test_a_hung_import_is_bounded_by_startup_timeout_s(tmp_path: Path) -> None:
+    cfg = _import_stall_config(tmp_path, ", startup_timeout_s: 0.5")
+    sent = time.monotonic()
+    proc = mpipe("run", cfg, "--quiet", cwd=tmp_path, timeout=60,
+                 env={"MPIPE_TEST_IMPORT_S": "60"})
+    assert proc.returncode == 3, proc.stderr
+    assert time.monotonic() - sent < 30, proc.stderr
+    assert "did not import its stage within" in proc.stderr, proc.stderr
+    assert "5 workers in a row" in proc.stderr, proc.stderr
