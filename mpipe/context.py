@@ -154,47 +154,56 @@ class StageContext(WorkdirPaths):
     io_s: float = 0.0
     cpu_wait_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
-    # Slots this thread holds, by kind: nesting is per thread, so threads of
-    # one stage each take their own slot.
-    _held: threading.local = field(default_factory=threading.local, repr=False)
+    # A slot is the worker's (io_slots and cpu_slots count workers): its
+    # first block takes it, blocks inside it, nested or in other threads of
+    # the worker, share it, the last one out gives it back.  Per kind: how
+    # many blocks are in, and a lock so that a second thread waits while the
+    # first one waits for the slot.
+    _inside: list[int] = field(default_factory=lambda: [0, 0], repr=False)
+    _gates: tuple[threading.Lock, threading.Lock] = field(
+        default_factory=lambda: (threading.Lock(), threading.Lock()), repr=False)
 
     @contextmanager
     def io(self) -> Iterator[None]:
-        """Hold one of the stage's ``io_slots`` for a block of file IO (nested: the same one)."""
-        nested = getattr(self._held, f"kind{IO_FLAG}", False)
-        start = time.perf_counter()
-        with self._slot(self.io_semaphore, IO_FLAG):
-            yield
-        if not nested:  # counted once, by the outer block
-            self.io_s += time.perf_counter() - start
+        """Hold the worker's one of the stage's ``io_slots`` for a block of file IO."""
+        start = time.perf_counter()  # the wait for the slot is IO time too
+        with self._slot(self.io_semaphore, IO_FLAG) as (_, first):
+            try:
+                yield
+            finally:
+                if first:  # counted once, by the block that took the slot
+                    self.io_s += time.perf_counter() - start
 
     @contextmanager
     def cpu(self) -> Iterator[None]:
-        """Hold one of the pipeline's ``cpu_slots`` for a block of compute (nested: the same)."""
-        with self._slot(self.cpu_semaphore, CPU_FLAG) as waited:
+        """Hold the worker's one of the pipeline's ``cpu_slots`` for a block of compute."""
+        with self._slot(self.cpu_semaphore, CPU_FLAG) as (waited, _):
             self.cpu_wait_s += waited
             yield
 
     @contextmanager
-    def _slot(self, semaphore: Semaphore, which: int) -> Iterator[float]:
-        kind = f"kind{which}"
-        if getattr(self._held, kind, False):
-            # Nested (a helper that takes ctx.cpu() called inside another
-            # ctx.cpu() block): this thread already holds the slot.  Taking a
-            # second would wait for ever once every slot is held this way, and
-            # the inner block's end would clear the outer one's flag.
-            yield 0.0
-            return
+    def _slot(self, semaphore: Semaphore, which: int) -> Iterator[tuple[float, bool]]:
+        # Nested blocks (a helper that takes ctx.cpu() inside another ctx.cpu()
+        # block, or a thread pool's threads inside one) take nothing: taking a
+        # second slot would wait for ever once every slot is held that way.
+        # The shared flag says "this worker holds one" while any block is in:
+        # the runner gives back exactly one if the worker dies.
         start = time.perf_counter()
-        semaphore.acquire()
-        self.flags.set(which, True)
-        setattr(self._held, kind, True)
+        with self._gates[which]:
+            first = self._inside[which] == 0
+            if first:
+                semaphore.acquire()
+                self.flags.set(which, True)
+            self._inside[which] += 1
+        waited = time.perf_counter() - start
         try:
-            yield time.perf_counter() - start
+            yield waited, first
         finally:
-            setattr(self._held, kind, False)
-            self.flags.set(which, False)
-            semaphore.release()
+            with self._gates[which]:
+                self._inside[which] -= 1
+                if self._inside[which] == 0:
+                    self.flags.set(which, False)
+                    semaphore.release()
 
     def stop_requested(self) -> bool:
         """True once the run is stopping: long stages may return early."""

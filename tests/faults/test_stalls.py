@@ -128,14 +128,16 @@ def test_a_stage_that_takes_a_cpu_slot_inside_another_does_not_wait_for_itself(
         assert sorted(f["results"][:].tolist()) == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
 
 
-def test_threads_of_a_stage_each_take_their_own_slot(tmp_path: Path) -> None:
-    # Nesting is per thread: a second thread is not "nested" in the first's block.
-    cfg = _config(tmp_path, params="{n: 1}", source="numbers", stage="threads_take_turns")
-    cfg.write_text(cfg.read_text().replace("workers: 1}", "workers: 1, io_slots: 1}"))
+
+def test_threads_inside_a_slot_share_it(tmp_path: Path) -> None:
+    # io_slots counts workers: a worker's threads use the slot it holds.  Taking
+    # one each, they waited for the slot their own worker held, for ever.
+    cfg = _config(tmp_path, params="{n: 4}", source="numbers", stage="threads_inside_a_block")
+    cfg.write_text(cfg.read_text().replace("workers: 1}", "workers: 2, io_slots: 1}"))
     proc = mpipe("run", cfg, "--quiet", cwd=tmp_path, timeout=30)
     assert proc.returncode == 0, proc.stderr
     with h5py.File(tmp_path / "results.h5") as f:
-        assert f["results"][0] >= 0.85  # three turns of 0.3 s, one at a time
+        assert f["results"][:].tolist() == [3.0] * 4
 
 
 def _import_stall_config(workdir: Path, extra: str) -> Path:
