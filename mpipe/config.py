@@ -40,6 +40,10 @@ FROM_COMMAND_LINE = -1
 FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
+# Ten days: longer than any item should take, shorter than epoll's limit (24.8 days).
+MAX_WAIT_S = 864_000.0
+
+
 class Rule:
     """Constraints on one field, as ``pydantic.Field`` takes them (``ge=1``).
 
@@ -132,10 +136,12 @@ class StageConfig:
     queue_size: Annotated[int, Rule(ge=1)] = 32  # bound of this stage's input queue
     io_slots: Annotated[int | None, Rule(ge=1)] = None  # workers in file IO at once
     retries: Annotated[int, Rule(ge=0)] = 2
-    timeout_s: Annotated[float | None, Rule(gt=0)] = None
+    # At most MAX_WAIT_S: the runner's wait (epoll) takes no longer timeout.
+    timeout_s: Annotated[float | None, Rule(gt=0, le=MAX_WAIT_S)] = None
     # A fresh worker that has not imported its stage in this long is killed,
     # as a start-up crash; default: with timeout_s, max(30, timeout_s).
-    startup_timeout_s: Annotated[float | None, Rule(gt=0)] = None
+    # Local stages only (a Dask worker imports a stage at its first task).
+    startup_timeout_s: Annotated[float | None, Rule(gt=0, le=MAX_WAIT_S)] = None
 
 
 @dataclass(frozen=True)

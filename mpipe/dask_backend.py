@@ -220,7 +220,7 @@ def dask_setup(worker: Any) -> None:
     worker exits when that pipe breaks (``distributed.process``).
     """
     try:
-        procs.ignore_stop_signals()  # not SIG_IGN: what a stage starts gets the defaults
+        procs.ignore_stop_signals()  # see mpipe.procs: what a stage starts inherits
     except ValueError:  # not the main thread (a worker run in-process)
         pass
 

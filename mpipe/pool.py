@@ -360,7 +360,8 @@ class StagePool:
         workers that did not import their stage within the start-up limit."""
         limit = self._startup_limit_s()
         for w in self._workers:
-            if limit is not None and not w.ready and not w.killed and w.started + limit <= now:
+            if (limit is not None and not w.ready and not w.killed and w.started + limit <= now
+                    and not _poll(w.conn)):  # its WorkerReady may be there, unread
                 logger.warning("%s (pid %s) did not import its stage within %.0fs; killing it",
                                w.name, w.process.pid, limit)
                 procs.kill_tree(w.process)

@@ -53,9 +53,13 @@ def write(tmp_path: Path, text: str) -> Path:
         (GOOD + "writer: {path: ../escaped.h5}\n", ["writer.path", "outside the workdir"]),
         (GOOD.replace("workers: 2", "workers: 2\n    workers: 3"),
          ["stages.compute.workers: duplicate key", "line 9", "first at line 8"]),
+        # Longer than the runner's wait can take: was exit 70 (OverflowError) at start.
+        (GOOD.replace("workers: 2", "workers: 2\n    startup_timeout_s: 1.0e+9"),
+         ["stages.compute.startup_timeout_s", "less than or equal to 864000", "line 9"]),
     ],
     ids=["syntax", "unknown-key", "wrong-type", "workers-0", "no-attr", "no-module",
-         "not-allowed", "python-tag", "missing", "path-escape", "duplicate-key"],
+         "not-allowed", "python-tag", "missing", "path-escape", "duplicate-key",
+         "timeout-too-long"],
 )
 def test_bad_config_exits_2_naming_key_and_line(
     tmp_path: Path, text: str, expected: list[str]
