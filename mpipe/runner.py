@@ -34,8 +34,9 @@ Who reads and writes what:
   ``SourceItem`` (``SkippedItem`` for an item committed by an earlier run) on
   the source queue, blocking when it is full; ends with one ``EndOfStream``.
   The runner moves them into the first stage's queue as it has room.
-* **stage workers**: each reads ``WorkItem`` from its own pipe, calls the stage
-  function, answers ``ItemDone`` or ``ItemFailure``.  One item at a time, so
+* **stage workers**: each says ``WorkerReady`` once its stage is imported,
+  then reads ``WorkItem`` from its own pipe, calls the stage function,
+  answers ``ItemDone`` or ``ItemFailure``.  One item at a time, so
   the runner always knows what a dead worker held.  Exit on ``Shutdown``.
 * **runner**: moves items source -> stage 1 -> ... -> sink, never letting a
   stage's queue exceed ``queue_size`` (an item is dispatched only if the next
