@@ -37,12 +37,18 @@ def _write_tree(tmp: Path, outside: Path) -> None:
     (tmp / "sub" / "link-dir").symlink_to(outside)
 
 
-def test_fsync_reaches_nested_files_and_directories(tmp_path: Path, synced: list[str]) -> None:
+def _outside_and_final(tmp_path: Path) -> tuple[Path, Path]:
+    """A directory outside the item's tree, with a file symlinks point at; the
+    item's final directory."""
     base = tmp_path.resolve()
     outside = base / "outside"
     outside.mkdir()
     (outside / "target.bin").write_bytes(b"not ours")
-    final = base / "out" / "item-1"
+    return outside, base / "out" / "item-1"
+
+
+def test_fsync_reaches_nested_files_and_directories(tmp_path: Path, synced: list[str]) -> None:
+    outside, final = _outside_and_final(tmp_path)
 
     with outputs.atomic_dir(final, fsync=True) as tmp:
         _write_tree(tmp, outside)
@@ -64,11 +70,7 @@ def test_fsync_reaches_nested_files_and_directories(tmp_path: Path, synced: list
 
 
 def test_no_fsync_when_off(tmp_path: Path, synced: list[str]) -> None:
-    base = tmp_path.resolve()
-    outside = base / "outside"
-    outside.mkdir()
-    (outside / "target.bin").write_bytes(b"not ours")
-    final = base / "out" / "item-1"
+    outside, final = _outside_and_final(tmp_path)
 
     with outputs.atomic_dir(final, fsync=False) as tmp:
         _write_tree(tmp, outside)
