@@ -22,6 +22,11 @@ def as_row(value: Any, what: str, kinds: str = "biuf") -> np.ndarray[Any, Any]:
     except (ValueError, OverflowError) as exc:  # a ragged list; an int beyond 64 bits
         raise TypeError(f"{what} must be a number or a numeric array: {exc}") from None
     if row.dtype.kind not in kinds:
+        if row.dtype.kind == "O" and any(
+                isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2**63
+                for v in np.ravel(row)):
+            raise TypeError(f"{what} holds an int beyond 64 bits, which results.h5 cannot "
+                            "store: return a float, or the number as a string elsewhere")
         raise TypeError(
             f"{what} must be a number or a numeric array, got {type(value).__name__}")
     return row

@@ -218,3 +218,8 @@ def test_chunks_of_larger_rows_hold_about_1_mib(
         h5: h5py.File, shape: tuple[int, ...], dtype: str, rows: int) -> None:
     assert write_batches(h5, [item(0, np.zeros(shape, dtype))]) == []
     assert h5["results"].chunks == (rows, *shape)
+
+
+def test_an_int_beyond_64_bits_is_named_as_such(h5: h5py.File) -> None:
+    [rejected] = write_batches(h5, [item(0, 1.5), item(1, 2**64)])
+    assert rejected.key == "k1" and "an int beyond 64 bits" in rejected.message
