@@ -168,8 +168,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     tune = sub.add_parser(
         "tune", help="measure worker counts on a sample and recommend them",
         description="Run a short sample of the workload (mpipe run --limit N) with several "
-        "worker counts per stage, in a scratch workdir under <workdir>/.mpipe/tune/ (real "
-        "outputs, results and ledger untouched), print items/s and CPU %% per count and "
+        "worker counts per stage, in a scratch workdir under <workdir>/.mpipe/tune/ (the real "
+        "output_dirs, results and ledger untouched), print items/s and CPU %% per count and "
         "recommend counts; --write puts them in the YAML, keeping its comments.")
     with_config(tune)
     tune.add_argument("--workers", type=_int_list, metavar="N,N,...",

@@ -268,7 +268,7 @@ def _warn_about_cluster_settings(session: DaskSession) -> None:
             "large numpy temporaries are then mmapped afresh each time, ~40%% slower; "
             "see docs/DISTRIBUTED.md to unset it", ", ".join(slow))
     if session.allowed_failures:
-        logger.info(
+        logger.warning(
             "the scheduler at %s retries a task whose worker died up to %d time(s) itself "
             "before mpipe sees KilledWorker and applies `retries`",
             session.where, session.allowed_failures)

@@ -95,13 +95,15 @@ def producer_main(
         seen: set[str] = set()
         items = imports.call_with_optional_context(fn, ctx=ctx)
         for index, raw in enumerate(items):
-            if stop_event.is_set() or (spec.limit is not None and index >= spec.limit):
+            if stop_event.is_set():
                 break
             task = raw if isinstance(raw, Task) else Task(key=str(index), value=raw)
             if task.key in seen:
                 raise ValueError(f"the source yielded the key {task.key!r} twice")
             seen.add(task.key)
             sender.add(_message(index, task, ctx, spec, committed))
+            if spec.limit is not None and index + 1 >= spec.limit:
+                break  # before asking the source for one more (it may wait or cost)
     except Exception as exc:
         failed = SourceFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc())
     finally:

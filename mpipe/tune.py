@@ -5,8 +5,10 @@ measures exactly what a run does (start-up, queues, the writer), and a crash
 in a trial cannot take the tuner with it.  Trials run in a scratch workdir,
 ``<workdir>/.mpipe/tune/<pipeline>/``, whose top-level entries are symlinks to
 the real workdir's, except the output directories, the results file and
-``.mpipe``: inputs are shared, while outputs, results and the ledger of the
-real workdir are never touched.  The tuner holds the real workdir's run lock
+``.mpipe``: inputs are shared, while the declared outputs (``output_dirs``),
+results and the ledger of the real workdir are never touched.  A stage that
+writes anywhere else writes through those symlinks into the real workdir:
+the tuner says so when ``output_dirs`` is empty.  The tuner holds the real workdir's run lock
 meanwhile, so no real run competes for the cores it measures.
 
 Stages are tuned one at a time, in order (coordinate descent): each stage tries
@@ -235,6 +237,12 @@ class Tuner:
         current = {name: self.loaded.worker_count(name) for name in stages}
         result = TuneResult(current=dict(current), limit=self.limit, cores=self.cores)
         kept_out = _kept_out(self.loaded, self.paths)
+        if not self.paths.output_dirs:
+            logger.warning(
+                "output_dirs is empty: files the stages write in the sample runs go into the "
+                "real workdir %s (only output_dirs, writer.path and .mpipe are the sample's "
+                "own); declare the stages' output directories in output_dirs",
+                self.paths.workdir)
         lock = RunLock(self.paths.lock)
         lock.acquire()
         try:

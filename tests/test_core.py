@@ -183,6 +183,25 @@ def test_a_slow_sources_items_are_not_held_back_for_a_batch(tmp_path: Path) -> N
     assert starts[0] < yields[1] - 1.0, (yields, starts)
 
 
+def test_limit_never_asks_the_source_for_one_more_item(tmp_path: Path) -> None:
+    # After its 2nd item this source waits 60 s (a source polling for work): a
+    # --limit 2 run must not ask it for a 3rd.
+    cfg = tmp_path / "source.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        pipeline: source-limit
+        workdir: .
+        params: {n: 5, pause_after: 1, pause_s: 60}
+        source: {fn: tests.source_stages:logged}
+        stages:
+          s: {fn: tests.source_stages:started_at, workers: 1}
+        allowed_modules: [tests.source_stages]
+        fsync: false
+        """))
+    proc = mpipe("run", cfg, "--quiet", "--limit", "2", cwd=tmp_path, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "yields.log").read_text().splitlines()) == 2
+
+
 def test_the_source_runs_ahead_of_the_stages_only_by_the_queue_bounds(tmp_path: Path) -> None:
     # 60 items, a stage of 20 ms with 1 worker: the source could yield all of them
     # at once.  Yielded but not started, with source.queue_size 4 (batches of 2):

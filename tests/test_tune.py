@@ -84,6 +84,17 @@ def test_tune_refuses_outputs_outside_the_workdir(tmp_path: Path) -> None:
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_tune_warns_that_undeclared_outputs_are_the_real_ones(tmp_path: Path) -> None:
+    # Only output_dirs, writer.path and .mpipe are the sample's own: a stage that
+    # writes elsewhere writes through the scratch's symlinks into the real workdir.
+    make_inputs(tmp_path, 3)
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(CONFIG.replace("output_dirs: [output]   # outputs of the real runs\n", ""))
+    proc = mpipe("tune", cfg, "--workers", "1", "--limit", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "output_dirs is empty" in proc.stderr and "real workdir" in proc.stderr
+
+
 def _trial(n: int, rate: float) -> Trial:
     return Trial("s", {"s": n}, 8, rate, 50.0, 1.0, 0, "s")
 
