@@ -62,16 +62,18 @@ deadline.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import queue
 import signal
 import socket
 import sqlite3
+import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -197,7 +199,12 @@ class Runner:
                 ctx = SourceContext(dict(self.config.params), self.paths.workdir,
                                     self.config.allow_outside_workdir)
                 try:
-                    imports.call_with_optional_context(self._prepare, ctx=ctx)
+                    with _signals_interrupt():
+                        imports.call_with_optional_context(self._prepare, ctx=ctx)
+                except _Stopped as stop:
+                    raise InterruptedRunError(stop.signum, 0) from None
+                except KeyboardInterrupt:  # where SIGINT could not be taken over
+                    raise InterruptedRunError(signal.SIGINT, 0) from None
                 except MpipeError:
                     raise  # a path outside the workdir, ...: its own message and code
                 except SystemExit as exc:
@@ -970,6 +977,34 @@ class Runner:
         if self._old_wakeup_fd != -1 or signal.set_wakeup_fd(-1) != -1:
             signal.set_wakeup_fd(self._old_wakeup_fd)
             self._old_wakeup_fd = -1
+
+
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM while ``prepare`` runs (not an Exception: a prepare's
+    ``except Exception`` must not swallow it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While ``prepare`` runs, SIGINT and SIGTERM stop it: the run's own handlers
+    come later, and until then SIGTERM killed mpipe without a report, or, as
+    PID 1 (whose default actions the kernel does not apply), was lost."""
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (a library caller's choice)
+        return
+    old = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
 
 
 @dataclass

@@ -162,6 +162,16 @@ def prepare_that_raises(ctx: StageContext) -> None:
     raise ConnectionError("the archive server refused the connection")
 
 
+def prepare_that_waits(ctx: StageContext) -> None:
+    """A long prepare (a download): marks that it began, then waits 60 s, and
+    catches Exception as careless code does."""
+    ctx.path("preparing").touch()
+    try:
+        time.sleep(60)
+    except Exception:
+        pass
+
+
 def prepare_that_exits(ctx: StageContext) -> None:
     """A prepare written as a script is: it ends with ``sys.exit(0)``."""
     sys.exit(0)

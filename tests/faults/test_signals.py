@@ -89,6 +89,26 @@ def test_second_sigint_stops_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_prepare_ends_the_run_with_its_code_and_a_report(
+        tmp_path: Path, signum: int, code: int) -> None:
+    # The run's handlers come after prepare: SIGTERM killed mpipe with no report
+    # (and was lost as PID 1), SIGINT gave 130 with no report.
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0,
+                       extra="prepare: {fn: tests.faults.stages:prepare_that_waits}\n")
+    proc = start_mpipe("run", cfg)
+    wait_for(lambda: (tmp_path / "preparing").exists())
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert time.monotonic() - sent < 10
+    assert f"interrupted by {signal.Signals(signum).name}" in err, err
+    doc = report(tmp_path)
+    assert doc["exit_code"] == code and doc["status"] == "not_started"
+
+
 def test_runner_killed_leaves_no_worker(tmp_path: Path) -> None:
     make_inputs(tmp_path, 4)
     cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=3, fn=SLEEPY)
