@@ -508,6 +508,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  prepare   {cfg.prepare.fn}  (once, before the pipeline, under the run lock)")
     print(f"  source    {cfg.source.fn}  -> queue of {cfg.source.queue_size}")
     for name, s in cfg.stages.items():
+        if loaded.stage_backend(name) == "dask":
+            # No local workers or slots: the cluster's threads run it (as many
+            # at once as `workers`, or all of them with auto).
+            at_once = "the cluster's threads" if s.workers == "auto" else str(s.workers)
+            print(f"  stage     {name}: {s.fn}  on Dask, items at once={at_once} "
+                  f"retries={s.retries} timeout_s={s.timeout_s}")
+            continue
         print(f"  stage     {name}: {s.fn}  workers={loaded.worker_count(name)} "
               f"queue_size={s.queue_size} io_slots={s.io_slots or loaded.worker_count(name)} "
               f"retries={s.retries} timeout_s={s.timeout_s}"

@@ -133,6 +133,12 @@ def test_validate_and_plan_accept_a_good_config(tmp_path: Path) -> None:
     plan = mpipe("plan", cfg, "--set", "stages.compute.workers=3")
     assert plan.returncode == 0, plan.stderr
     assert "workers=3" in plan.stdout and "compute" in plan.stdout
+    # A Dask stage has no local workers or slots: plan says where it runs.
+    plan = mpipe("plan", cfg, "--set", 'backend={dask: {address: "tcp://sched:8786"}}',
+                 "--set", "stages.compute.workers=auto")
+    assert plan.returncode == 0, plan.stderr
+    assert "on Dask, items at once=the cluster's threads" in plan.stdout, plan.stdout
+    assert "io_slots" not in plan.stdout, plan.stdout
 
 
 def test_env_interpolation(tmp_path: Path) -> None:
