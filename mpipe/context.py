@@ -157,53 +157,55 @@ class StageContext(WorkdirPaths):
     # A slot is the worker's (io_slots and cpu_slots count workers): its
     # first block takes it, blocks inside it, nested or in other threads of
     # the worker, share it, the last one out gives it back.  Per kind: how
-    # many blocks are in, and a lock so that a second thread waits while the
-    # first one waits for the slot.
+    # many blocks are in, since when the worker has wanted the slot, and a
+    # lock so that a second thread waits while the first one waits for it.
     _inside: list[int] = field(default_factory=lambda: [0, 0], repr=False)
+    _since: list[float] = field(default_factory=lambda: [0.0, 0.0], repr=False)
     _gates: tuple[threading.Lock, threading.Lock] = field(
         default_factory=lambda: (threading.Lock(), threading.Lock()), repr=False)
 
     @contextmanager
     def io(self) -> Iterator[None]:
         """Hold the worker's one of the stage's ``io_slots`` for a block of file IO."""
-        start = time.perf_counter()  # the wait for the slot is IO time too
-        with self._slot(self.io_semaphore, IO_FLAG) as (_, first):
-            try:
-                yield
-            finally:
-                if first:  # counted once, by the block that took the slot
-                    self.io_s += time.perf_counter() - start
+        with self._slot(self.io_semaphore, IO_FLAG):
+            yield
 
     @contextmanager
     def cpu(self) -> Iterator[None]:
         """Hold the worker's one of the pipeline's ``cpu_slots`` for a block of compute."""
-        with self._slot(self.cpu_semaphore, CPU_FLAG) as (waited, _):
-            self.cpu_wait_s += waited
+        with self._slot(self.cpu_semaphore, CPU_FLAG):
             yield
 
     @contextmanager
-    def _slot(self, semaphore: Semaphore, which: int) -> Iterator[tuple[float, bool]]:
+    def _slot(self, semaphore: Semaphore, which: int) -> Iterator[None]:
         # Nested blocks (a helper that takes ctx.cpu() inside another ctx.cpu()
         # block, or a thread pool's threads inside one) take nothing: taking a
         # second slot would wait for ever once every slot is held that way.
         # The shared flag says "this worker holds one" while any block is in:
-        # the runner gives back exactly one if the worker dies.
-        start = time.perf_counter()
+        # the runner gives back exactly one if the worker dies.  The times are
+        # the worker's, counted once however many threads: io_s from the
+        # first block's start (its wait included) to the last one's end,
+        # cpu_wait_s the first block's wait for the slot.
         with self._gates[which]:
-            first = self._inside[which] == 0
-            if first:
+            if self._inside[which] == 0:
+                # Timed from here: a wait at the gate overlaps another span.
+                start = time.perf_counter()
                 semaphore.acquire()
                 self.flags.set(which, True)
+                self._since[which] = start
+                if which == CPU_FLAG:
+                    self.cpu_wait_s += time.perf_counter() - start
             self._inside[which] += 1
-        waited = time.perf_counter() - start
         try:
-            yield waited, first
+            yield
         finally:
             with self._gates[which]:
                 self._inside[which] -= 1
                 if self._inside[which] == 0:
                     self.flags.set(which, False)
                     semaphore.release()
+                    if which == IO_FLAG:
+                        self.io_s += time.perf_counter() - self._since[which]
 
     def stop_requested(self) -> bool:
         """True once the run is stopping: long stages may return early."""

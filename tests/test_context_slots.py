@@ -1,0 +1,69 @@
+"""A worker's io/cpu slot shared by its threads: given back once, timed once.
+
+Real semaphores and shared memory as a worker has them, driven by threads in
+this process.  The bounds are loose: they tell a span counted once from one
+lost (0.1 s) or summed over the threads (2 s).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mpipe.context import SlotFlags, StageContext, StopFlag
+
+
+def _context() -> tuple[StageContext, Any, Any, Any]:
+    flags = multiprocessing.RawArray("b", 2)
+    io, cpu = multiprocessing.BoundedSemaphore(1), multiprocessing.BoundedSemaphore(1)
+    ctx = StageContext(stage="s", worker="w", params={}, workdir=Path("."), fsync=False,
+                       allow_outside_workdir=False, io_semaphore=io, cpu_semaphore=cpu,
+                       stop_event=StopFlag(multiprocessing.RawArray("b", 1)),
+                       flags=SlotFlags(flags, 0))
+    return ctx, flags, io, cpu
+
+
+def _in_threads(target: Any, args_list: list[tuple[Any, ...]]) -> None:
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_threads_share_the_io_slot_and_its_time_is_the_span_it_was_held() -> None:
+    ctx, flags, io, _ = _context()
+
+    def use(seconds: float) -> None:
+        with ctx.io():
+            time.sleep(seconds)
+
+    # The first thread leaves after 0.1 s; the others hold the slot to 0.5 s.
+    _in_threads(use, [(0.1,), (0.5,), (0.5,), (0.5,)])
+    assert 0.45 <= ctx.io_s <= 1.5, ctx.io_s
+    assert list(flags) == [0, 0] and io.get_value() == 1
+
+
+def test_threads_waiting_for_the_cpu_slot_count_the_wait_once() -> None:
+    ctx, flags, _, cpu = _context()
+    cpu.acquire()  # another worker holds the only slot
+
+    def use() -> None:
+        with ctx.cpu():
+            pass
+
+    releaser = threading.Timer(0.5, cpu.release)
+    releaser.start()
+    _in_threads(use, [(), (), (), ()])
+    assert 0.45 <= ctx.cpu_wait_s <= 1.5, ctx.cpu_wait_s
+    assert list(flags) == [0, 0] and cpu.get_value() == 1
+
+
+def test_a_nested_block_in_one_thread_takes_nothing_more() -> None:
+    ctx, flags, io, _ = _context()
+    with ctx.io(), ctx.io():
+        assert io.get_value() == 0 and flags[0] == 1
+    assert io.get_value() == 1 and flags[0] == 0
