@@ -174,7 +174,7 @@ class PipelineConfig:
     # Workers computing at once (until the last wave); default: the cores.
     cpu_slots: Annotated[int | None, Rule(ge=1)] = None
     fsync: bool = True
-    shutdown_grace_s: Annotated[float, Rule(ge=0)] = 30.0
+    shutdown_grace_s: Annotated[float, Rule(ge=0, le=MAX_WAIT_S)] = 30.0
     allowed_modules: list[str] = field(default_factory=lambda: ["mpipe.workloads"])
     allow_outside_workdir: bool = False
     output_dirs: list[str] = field(default_factory=list)

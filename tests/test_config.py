@@ -56,10 +56,12 @@ def write(tmp_path: Path, text: str) -> Path:
         # Longer than the runner's wait can take: was exit 70 (OverflowError) at start.
         (GOOD.replace("workers: 2", "workers: 2\n    startup_timeout_s: 1.0e+9"),
          ["stages.compute.startup_timeout_s", "less than or equal to 864000", "line 9"]),
+        (GOOD + "shutdown_grace_s: 3000000\n",
+         ["shutdown_grace_s", "less than or equal to 864000"]),
     ],
     ids=["syntax", "unknown-key", "wrong-type", "workers-0", "no-attr", "no-module",
          "not-allowed", "python-tag", "missing", "path-escape", "duplicate-key",
-         "timeout-too-long"],
+         "timeout-too-long", "grace-too-long"],
 )
 def test_bad_config_exits_2_naming_key_and_line(
     tmp_path: Path, text: str, expected: list[str]
