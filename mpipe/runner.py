@@ -62,18 +62,16 @@ deadline.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import queue
 import signal
 import socket
 import sqlite3
-import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -175,6 +173,7 @@ class Runner:
         self._children: list[BaseProcess] = []
         self._pools: list[Pool] = []
         self._signals: list[int] = []
+        self._in_prepare = False  # see _on_signal
         self._old_handlers: dict[int, Any] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._old_wakeup_fd = -1
@@ -193,14 +192,20 @@ class Runner:
         self._lock.acquire()
         try:
             self._prepare_workdir()
+            # Before prepare: a SIGTERM during a long prepare used to kill mpipe
+            # without a report (and, as PID 1, to be lost); now it stops it.
+            self._install_signal_handlers()
             if self._prepare is not None:
                 # Under the run lock: no other run reads inputs while they are made.
                 t = time.monotonic()
                 ctx = SourceContext(dict(self.config.params), self.paths.workdir,
                                     self.config.allow_outside_workdir)
                 try:
-                    with _signals_interrupt():
+                    self._in_prepare = True  # a signal now raises _Stopped in it
+                    try:
                         imports.call_with_optional_context(self._prepare, ctx=ctx)
+                    finally:
+                        self._in_prepare = False
                 except _Stopped as stop:
                     raise InterruptedRunError(stop.signum, 0) from None
                 except KeyboardInterrupt:  # where SIGINT could not be taken over
@@ -226,7 +231,6 @@ class Runner:
             # After prepare: a user's prepare may fork, which a process with a
             # thread starting a cluster should not do.
             self._start_dask_early()
-            self._install_signal_handlers()
             self._t0 = time.monotonic()
             try:
                 self._start()
@@ -287,6 +291,8 @@ class Runner:
             self._old_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._in_prepare:
+            raise _Stopped(signum)  # prepare is the user's code: stop it where it is
         self._signals.append(signum)
 
     def _start(self) -> None:
@@ -980,31 +986,12 @@ class Runner:
 
 
 class _Stopped(BaseException):
-    """SIGINT or SIGTERM while ``prepare`` runs (not an Exception: a prepare's
-    ``except Exception`` must not swallow it)."""
+    """SIGINT or SIGTERM while ``prepare`` runs, raised by the run's handler
+    (not an Exception: a prepare's ``except Exception`` must not swallow it)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """While ``prepare`` runs, SIGINT and SIGTERM stop it: the run's own handlers
-    come later, and until then SIGTERM killed mpipe without a report, or, as
-    PID 1 (whose default actions the kernel does not apply), was lost."""
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise _Stopped(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread (a library caller's choice)
-        return
-    old = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
 
 
 @dataclass
