@@ -97,9 +97,6 @@ def _check_total(total: Any, fn: str) -> None:
         as_row(total, f"the value consumer.fn {fn} returns (stored as `total`)", "biufc")
     except TypeError as exc:
         raise _BadTotal(str(exc)) from None
-    except Exception as exc:
-        raise _BadTotal(f"the value consumer.fn {fn} returns cannot be made a numeric "
-                        f"array: {type(exc).__name__}: {exc}") from None
 
 
 class _Stream:

@@ -16,11 +16,12 @@ import numpy as np
 
 def as_row(value: Any, what: str, kinds: str = "biuf") -> np.ndarray[Any, Any]:
     """``value`` as a numeric array of one of numpy's ``kinds``; TypeError naming
-    ``what`` otherwise."""
+    ``what`` otherwise, whatever went wrong (callers catch that alone)."""
     try:
         row = np.asarray(value)
-    except (ValueError, OverflowError) as exc:  # a ragged list; an int beyond 64 bits
-        raise TypeError(f"{what} must be a number or a numeric array: {exc}") from None
+    except Exception as exc:  # a ragged list; an __array__ that raises (a torch tensor)
+        raise TypeError(f"{what} must be a number or a numeric array: "
+                        f"{type(exc).__name__}: {exc}") from None
     if row.dtype.kind not in kinds:
         if row.dtype.kind == "O" and any(
                 isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2**63

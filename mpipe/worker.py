@@ -220,11 +220,8 @@ def _run_one(
         # a None there would break the whole run, blamed on the consumer.
         try:
             row_check(result, "the last stage's value")
-        except Exception as exc:  # TypeError; or whatever a value's __array__ raises
-            message = str(exc) if isinstance(exc, TypeError) else (
-                f"the last stage's value cannot be made a numeric array: "
-                f"{type(exc).__name__}: {exc}")
-            return failure("result", message), None
+        except TypeError as exc:
+            return failure("result", str(exc)), None
     done = ItemDone(
         seq=item.seq,
         key=item.key,
