@@ -208,7 +208,7 @@ class Runner:
                         self._in_prepare = False
                 except _Stopped as stop:
                     raise InterruptedRunError(stop.signum, 0) from None
-                except KeyboardInterrupt:  # where SIGINT could not be taken over
+                except KeyboardInterrupt:  # raised by the prepare's own code
                     raise InterruptedRunError(signal.SIGINT, 0) from None
                 except MpipeError:
                     raise  # a path outside the workdir, ...: its own message and code
