@@ -19,7 +19,7 @@ import stat
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -372,7 +372,10 @@ def _console() -> Console:
     return PipeAwareConsole(file=sys.stdout, width=None if wide else 120)
 
 
-def _load(args: argparse.Namespace) -> LoadedConfig:
+def _load(args: argparse.Namespace, *,
+          meanwhile: Callable[[], object] | None = None) -> LoadedConfig:
+    """Load and check the config; ``mpipe run`` checks the names in a child,
+    and calls ``meanwhile`` while that child works."""
     from mpipe import imports
     from mpipe.config import load_config
     from mpipe.state import RunPaths
@@ -396,7 +399,7 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
         from mpipe import forkserver
 
         code = forkserver.check_names(checks, cfg.allowed_modules, loaded.base_dir,
-                                      getattr(logging, args.log_level))
+                                      getattr(logging, args.log_level), meanwhile)
     else:
         code = imports.check_names(checks, cfg.allowed_modules, loaded.base_dir)
     loaded = dataclasses.replace(loaded, code=code)
@@ -532,11 +535,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mpipe import forkserver
+    from mpipe.sealer import Sealer
+
+    # The sealer starts while the config's names are checked (mpipe.sealer);
+    # the runner stops it, or, if the run never starts, this does.
+    sealers: list[Sealer] = []
+    try:
+        return _run(args, lambda: sealers.append(
+            Sealer(forkserver.context(), getattr(logging, args.log_level))), sealers)
+    finally:
+        for sealer in sealers:
+            sealer.stop(grace_s=5.0)  # nothing to do once the runner has stopped it
+
+
+def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
+         sealers: list[Any]) -> int:
     from mpipe import imports, progress, report
     from mpipe.runner import Runner
 
     global _skip_teardown
-    loaded = _load(args)
+    loaded = _load(args, meanwhile=start_sealer)
     cfg = loaded.config
     _skip_teardown = cfg.prepare is None
     started = time.time()
@@ -547,7 +566,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     reporter = progress.choose(cfg.pipeline, sys.stdout, enabled=args.progress,
                                quiet=args.quiet, interval_s=args.progress_interval)
     runner = Runner(loaded, fresh=args.fresh, log_level=getattr(logging, args.log_level),
-                    prepare=prepare, limit=args.limit, progress=reporter)
+                    prepare=prepare, limit=args.limit, progress=reporter,
+                    sealer=sealers[0] if sealers else None)
     # Every run leaves a report for cron and monitoring, even one that could not
     # start.  Not in the default place when the workdir is locked: that one
     # belongs to the run holding the lock.

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
@@ -112,9 +112,13 @@ def start(*, fork: bool = False) -> ForkServerContext:
 
 
 def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path,
-                log_level: int) -> dict[str, str]:
+                log_level: int, meanwhile: Callable[[], object] | None = None
+                ) -> dict[str, str]:
     """:func:`mpipe.imports.check_names` in a child of the forkserver (see above):
     each function's code digest by key, or the first :class:`ConfigError`.
+
+    ``meanwhile`` is called once the child has started, before its answer is
+    awaited: ``mpipe run`` starts its sealer there (:mod:`mpipe.sealer`).
 
     The child is a child like the others (:func:`mpipe.procs.child_setup`): it
     ignores SIGINT and SIGTERM and exits when it loses its lifeline, so an
@@ -133,6 +137,8 @@ def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path,
     child_end.close()
     lifeline_r.close()
     try:
+        if meanwhile is not None:
+            meanwhile()
         answer = result.recv()
     except EOFError:
         process.join()
@@ -141,7 +147,7 @@ def check_names(named: Sequence[Named], allowed: Sequence[str], base_dir: Path,
             f"{procs.describe_exit(process.exitcode)}",
             hint="import the modules named by the config by hand to see why "
             "(python -c 'import MODULE')") from None
-    except BaseException:  # Ctrl-C while a module imports: it does not outlive us
+    except BaseException:  # Ctrl-C while a module imports, `meanwhile` failed: no orphan
         process.kill()
         process.join()
         raise

@@ -113,10 +113,11 @@ from mpipe.messages import (
 from mpipe.pool import Pool, Shared, StagePool
 from mpipe.producer import ProducerSpec, SourceContext, producer_main, source_queue_bounds
 from mpipe.runlock import RunLock
+from mpipe.sealer import Sealer
 from mpipe.state import RunPaths, config_fingerprint, run_metadata
 from mpipe.waiter import Waiter
 from mpipe.worker import WorkerSpec
-from mpipe.writer import SealSpec, WriterSpec, seal_main, writer_main
+from mpipe.writer import SealSpec, WriterSpec, writer_main
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ class Runner:
                  log_level: int = logging.WARNING,
                  prepare: Callable[..., Any] | None = None,
                  limit: int | None = None,
-                 progress: ProgressReporter | None = None) -> None:
+                 progress: ProgressReporter | None = None,
+                 sealer: Sealer | None = None) -> None:
         self.loaded = loaded
         self._prepare = prepare
         self._limit = limit
@@ -181,9 +183,7 @@ class Runner:
         self.prepare_s = 0.0
         self._startup_s = 0.0  # set once the processes are up
         self._loop_started_at = 0.0  # wall clock, set when the loop begins
-        self._sealer: BaseProcess | None = None
-        self._sealing = False
-        self._seal_exitcode: int | None = None
+        self._sealer = sealer
 
     # ------------------------------------------------------------------ set-up
 
@@ -316,13 +316,29 @@ class Runner:
         workdir = str(self.paths.workdir)
         pipeline_dir = str(self.loaded.base_dir.resolve())
 
-        # The sealer first: it imports h5py as it starts (some 50 ms), the
-        # longest start of any child, and an empty or short run waits for it
-        # at the end.  Then the sink, so the writer is up before results
-        # arrive.  Every queue and semaphore is kept referenced here for the
-        # whole run: a child started by the forkserver opens named semaphores
-        # by name after start() returns, and a collected one is unlinked under it.
-        self._start_sealer()
+        # The sealer first, if `mpipe run` has not started it already: it
+        # imports h5py as it starts (some 50 ms), the longest start of any
+        # child, and an empty or short run waits for it at the end.  Then the
+        # producer, so that the first items (or, with nothing to do, the end
+        # of the stream) are on their way while the rest start; then the sink,
+        # so the writer is up before results arrive.  Every queue and
+        # semaphore is kept referenced here for the whole run: a child started
+        # by the forkserver opens named semaphores by name after start()
+        # returns, and a collected one is unlinked under it.
+        if self._sealer is None:
+            self._sealer = Sealer(self._mp, self.log_level)
+        source_messages, source_batch_max = source_queue_bounds(cfg.source.queue_size)
+        self._source_queue = self._mp.Queue(source_messages)
+        ledger = None if self.fresh else str(self.paths.ledger)
+        self._producer = self._spawn("producer", producer_main, (
+            ProducerSpec(cfg.source.fn, params, workdir, cfg.allow_outside_workdir,
+                         config_fingerprint(cfg, self.loaded.code), ledger, self.log_level,
+                         pipeline_dir, self._limit, source_batch_max),
+            self._source_queue, self._lifeline_r, self.stop_event))
+        # The producer has its copy of the write end: with the runner's closed,
+        # a producer killed halfway through a message is an EOF for the
+        # runner, not a read that waits for the rest for ever.
+        self._source_queue._writer.close()  # type: ignore[attr-defined]
         # One message more than the batches that can be in it (each holds at
         # least one of writer.queue_size items in flight): the EndOfStream
         # always fits, so the runner never blocks on a consumer that died.
@@ -372,42 +388,22 @@ class Runner:
             self._pools.append(pool)
             first_slot += workers
 
-        source_messages, source_batch_max = source_queue_bounds(cfg.source.queue_size)
-        self._source_queue = self._mp.Queue(source_messages)
-        ledger = None if self.fresh else str(self.paths.ledger)
-        self._producer = self._spawn("producer", producer_main, (
-            ProducerSpec(cfg.source.fn, params, workdir, cfg.allow_outside_workdir,
-                         config_fingerprint(cfg, self.loaded.code), ledger, self.log_level,
-                         pipeline_dir, self._limit, source_batch_max),
-            self._source_queue, self._lifeline_r, self.stop_event))
-        # The producer has its copy of the write end: with the runner's closed,
-        # a producer killed halfway through a message is an EOF for the
-        # runner, not a read that waits for the rest for ever.
-        self._source_queue._writer.close()  # type: ignore[attr-defined]
         self._startup_s = time.monotonic() - self._t0
-
-    def _start_sealer(self) -> None:
-        self._seal_conn, seal_end = self._mp.Pipe()
-        self._sealer = self._mp.Process(target=seal_main, name="writer-seal",
-                                        args=(seal_end, self._lifeline_r, self.log_level))
-        procs.start(self._sealer)
-        logger.info("started writer-seal (pid %s)", self._sealer.pid)
-        seal_end.close()
+        logger.info("the pipeline's processes are up (%.3f s)", self._startup_s)
 
     def _send_seal(self, spec: SealSpec) -> None:
         """Hand the spec to the waiting sealer; start another if it died meanwhile."""
-        try:
-            self._seal_conn.send(spec)
-            return
-        except OSError:  # nobody reads the pipe: it was killed (OOM killer, kill -9)
-            pass
         assert self._sealer is not None
-        procs.stop_processes([self._sealer], grace_s=1.0)
+        if self._sealer.seal(spec):
+            return
+        # Nobody reads its pipe: it was killed (OOM killer, kill -9).
         logger.warning("the writer-seal process %s; starting another",
-                       procs.describe_exit(self._sealer.exitcode))
-        self._seal_conn.close()
-        self._start_sealer()
-        self._seal_conn.send(spec)
+                       procs.describe_exit(self._sealer.stop(grace_s=1.0)))
+        self._sealer = Sealer(self._mp, self.log_level)
+        if not self._sealer.seal(spec):
+            raise PipelineBrokenError("the writer-seal process died as it started",
+                                      hint="see the log above; run the same command again: "
+                                      "finished items are kept")
 
     def _start_dask_early(self) -> None:
         """Connect to Dask (or start a LocalCluster) in a thread, from the start.
@@ -892,9 +888,8 @@ class Runner:
                 str(self.paths.results_tmp), str(self.paths.results), s.produced,
                 s.total if s.total is not None else dumps(None),
                 run_metadata(self.loaded, result), self.config.fsync))
-            self._sealing = True
         self._teardown(grace_s=0 if s.hard_stop else self.config.shutdown_grace_s)
-        if self._sealing:
+        if self._sealer is not None and self._sealer.sealing:
             self._seal_outcome(result)
             if result.error is None and s.failures:
                 result.status = "items_failed"
@@ -906,20 +901,15 @@ class Runner:
 
     def _seal_outcome(self, result: RunResult) -> None:
         """Read what the sealer answered (it has exited: teardown waited for it)."""
-        reply: object = "no answer"
-        if _poll(self._seal_conn):
-            try:
-                reply = self._seal_conn.recv()
-            except (EOFError, OSError):
-                pass  # it exited without answering (a crash in HDF5, a kill)
-        self._seal_conn.close()
+        assert self._sealer is not None
+        reply = self._sealer.answer()
         if isinstance(reply, ProcessFailed):
             error: MpipeError = (OutputError(reply.message) if reply.exit_code == 74
                                  else PipelineBrokenError(reply.message))
             result.status, result.error = "broken", error
-        elif not isinstance(reply, Sealed) or self._seal_exitcode != 0:
+        elif not isinstance(reply, Sealed) or self._sealer.exitcode != 0:
             result.status = "broken"
-            how = procs.describe_exit(self._seal_exitcode)
+            how = procs.describe_exit(self._sealer.exitcode)
             result.error = PipelineBrokenError(f"sealing the results file failed: it {how}")
         else:
             result.results_path = str(self.paths.results)
@@ -951,12 +941,8 @@ class Runner:
                 pass  # a consumer that stopped reading: stopped below
             self._state.sink_closed = True
         procs.stop_processes(self._children, grace_s=min(grace_s, 10.0))
-        if self._sealer is not None:
-            if not self._sealing:
-                self._seal_conn.close()  # EOF: exit without sealing
-            procs.stop_processes([self._sealer], grace_s=SINK_DEADLINE_S if self._sealing else 5.0)
-            self._seal_exitcode = self._sealer.exitcode
-            self._sealer = None
+        if self._sealer is not None:  # a no-op the second time
+            self._sealer.stop(grace_s=SINK_DEADLINE_S if self._sealer.sealing else 5.0)
         for q in ("_source_queue", "_sink_queue"):
             if hasattr(self, q):
                 getattr(self, q).close()

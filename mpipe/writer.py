@@ -19,8 +19,8 @@ temporary file need not be complete between batches: a run that dies leaves it
 behind, the next run deletes it, and committed rows are replayed from the
 ledger.
 
-:func:`seal_main` is the last writer-side process.  It starts with the others
-(so its h5py import is paid while the run is going), waits, and once every
+:func:`seal_main` is the last writer-side process.  It starts before the others
+(:mod:`mpipe.sealer`: its h5py import is paid while the run starts), waits, and once every
 writer has exited the runner sends it a :class:`SealSpec`: it adds the
 consumer's total and the run's metadata, fsyncs, and renames the temporary
 file over the final one, so ``results.h5`` is always either the previous

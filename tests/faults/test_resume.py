@@ -115,7 +115,7 @@ def test_second_run_on_the_same_workdir_exits_75(tmp_path: Path) -> None:
     first = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "1"})
     assert first.stderr is not None
     for line in first.stderr:
-        if "started producer" in line:
+        if "processes are up" in line:
             break
     start = time.monotonic()
     second = mpipe("run", cfg, "--report", tmp_path / "second.json")
@@ -134,7 +134,7 @@ def test_lock_of_a_killed_run_does_not_block(tmp_path: Path) -> None:
     first = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "5"})
     assert first.stderr is not None
     for line in first.stderr:
-        if "started producer" in line:
+        if "processes are up" in line:
             break
     first.kill()
     first.communicate(timeout=10)

@@ -77,7 +77,7 @@ def test_second_sigint_stops_at_once(tmp_path: Path) -> None:
                        env={"MPIPE_TEST_SLEEP_S": "60"})
     assert proc.stderr is not None
     for line in proc.stderr:
-        if "started producer" in line:
+        if "processes are up" in line:
             break
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -115,7 +115,7 @@ def test_runner_killed_leaves_no_worker(tmp_path: Path) -> None:
     proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "60"})
     assert proc.stderr is not None
     for line in proc.stderr:
-        if "started producer" in line:
+        if "processes are up" in line:
             break
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len(children) >= 5  # 3 workers, consumer, writer, producer, forkserver...
