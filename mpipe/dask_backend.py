@@ -460,6 +460,9 @@ class DaskStagePool:
     def processes(self) -> list[BaseProcess]:
         return []  # the cluster's processes are not ours to kill
 
+    def exited_cleanly(self) -> bool:
+        return False  # the cluster's workers are not ours to watch
+
     def shutdown(self, grace_s: float) -> None:
         """Cancel what is still in flight; results arriving later are dropped."""
         if self._closed:

@@ -134,6 +134,7 @@ class Pool(Protocol):
     def start(self) -> None: ...
     def processes(self) -> list[BaseProcess]: ...
     def shutdown(self, grace_s: float) -> None: ...
+    def exited_cleanly(self) -> bool: ...
     @property
     def in_flight(self) -> int: ...
     def idle(self) -> int: ...
@@ -205,6 +206,7 @@ class StagePool:
         self._workers: list[_Worker] = []
         self._slots = list(range(first_slot, first_slot + workers))
         self._crash_streak = 0
+        self._unclean_exit = False  # see exited_cleanly
         self._handlers: dict[Any, Callable[[], object]] | None = None
         self._serial = 0
         self._depth = 1
@@ -259,10 +261,21 @@ class StagePool:
             except OSError:
                 pass
         procs.stop_processes(self.processes(), grace_s=grace_s)
+        if any(p.exitcode != 0 for p in self.processes()):
+            self._unclean_exit = True
         for w in self._workers:
             w.conn.close()
         self._workers.clear()
         self._handlers = None
+
+    def exited_cleanly(self) -> bool:
+        """Whether every worker it started exited by itself, with 0, at shutdown.
+
+        A worker that died, was killed (timeout_s, start-up limit, the end of
+        the grace) or exited in the middle of the run may have left a
+        temporary output behind (mpipe.outputs).
+        """
+        return not self._unclean_exit
 
     # ---------------------------------------------------------------- scheduling
 
@@ -440,6 +453,7 @@ class StagePool:
             self._attempt_failed(item, reply)
 
     def _on_exit(self, w: _Worker) -> None:
+        self._unclean_exit = True  # workers exit on Shutdown only, at the end
         while w.held and _poll(w.conn) and self._on_message(w):
             pass  # answers sent just before it exited
         w.process.join(0)

@@ -184,6 +184,8 @@ class Runner:
         self._startup_s = 0.0  # set once the processes are up
         self._loop_started_at = 0.0  # wall clock, set when the loop begins
         self._sealer = sealer
+        self._seal_reply: object = None  # what the sealer answered, read in teardown
+        self._leftovers_removed = False  # see _remove_leftovers, _mark_clean_exit
 
     # ------------------------------------------------------------------ set-up
 
@@ -251,9 +253,46 @@ class Runner:
     def _prepare_name(self) -> str:
         return self.config.prepare.fn if self.config.prepare else "prepare"
 
+    def _remove_leftovers(self) -> list[Path]:
+        """Delete the temporary files and directories an earlier run left (mpipe.outputs).
+
+        Walking the workdir takes time in proportion to its files (8 ms for the
+        benchmarks' 6,000, seconds for millions of inputs), on every run.  So
+        the walk is skipped when the last run to hold the lock marked that it
+        left nothing behind (:meth:`_mark_clean_exit`); the mark is taken away
+        first, so that a run that dies leaves none.  The state directory, where
+        reports are written after the lock is released, is looked at always.
+        """
+        mark = self.paths.clean_exit
+        try:
+            mark.unlink()
+        except FileNotFoundError:
+            removed = outputs.remove_leftovers(self.paths.workdir)
+        else:
+            if self.config.fsync:
+                # Gone for good before this run makes any temporary file.
+                outputs.fsync_path(mark.parent, directory=True)
+            removed = outputs.remove_leftovers(mark.parent)
+        self._leftovers_removed = True
+        return removed
+
+    def _mark_clean_exit(self) -> None:
+        """Tell the next run that this one left no temporary file anywhere.
+
+        Said only of a run that sealed its results and whose every process
+        (workers, producer, consumer, writers, sealer) exited by itself with
+        0: a process that died or was killed may have been writing one.  A
+        stage on Dask never says it (its workers are not mpipe's to watch).
+        Written under the run lock; if it cannot be, the next run walks.
+        """
+        try:
+            self.paths.clean_exit.touch()
+        except OSError as exc:
+            logger.debug("cannot mark a clean exit (%s): the next run looks for leftovers", exc)
+
     def _prepare_workdir(self) -> None:
         try:
-            removed = outputs.remove_leftovers(self.paths.workdir)
+            removed = self._remove_leftovers()
             if self.fresh and self.paths.ledger.exists():
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{self.paths.ledger}{suffix}").unlink(missing_ok=True)
@@ -900,9 +939,9 @@ class Runner:
         return result
 
     def _seal_outcome(self, result: RunResult) -> None:
-        """Read what the sealer answered (it has exited: teardown waited for it)."""
+        """Judge what the sealer answered (teardown waited for it and read it)."""
         assert self._sealer is not None
-        reply = self._sealer.answer()
+        reply = self._seal_reply
         if isinstance(reply, ProcessFailed):
             error: MpipeError = (OutputError(reply.message) if reply.exit_code == 74
                                  else PipelineBrokenError(reply.message))
@@ -919,8 +958,12 @@ class Runner:
         """Stop every child, in order, with deadlines; release the lock."""
         if hasattr(self, "stop_event"):
             self.stop_event.set()
+        # Whether this run leaves the next one nothing to clean (_mark_clean_exit).
+        clean = self._leftovers_removed
+        self._leftovers_removed = False  # decided once, under the lock
         for pool in self._pools:
             pool.shutdown(grace_s=min(grace_s, 5.0))
+            clean = clean and pool.exited_cleanly()
         # Drain the source queue before joining the producer: a process with
         # items still buffered for a queue cannot exit (multiprocessing docs,
         # "Joining processes that use queues").
@@ -941,8 +984,13 @@ class Runner:
                 pass  # a consumer that stopped reading: stopped below
             self._state.sink_closed = True
         procs.stop_processes(self._children, grace_s=min(grace_s, 10.0))
+        clean = clean and all(p.exitcode == 0 for p in self._children)
         if self._sealer is not None:  # a no-op the second time
             self._sealer.stop(grace_s=SINK_DEADLINE_S if self._sealer.sealing else 5.0)
+            if self._sealer.sealing and self._seal_reply is None:
+                self._seal_reply = self._sealer.answer()
+            if clean and isinstance(self._seal_reply, Sealed) and self._sealer.exitcode == 0:
+                self._mark_clean_exit()
         for q in ("_source_queue", "_sink_queue"):
             if hasattr(self, q):
                 getattr(self, q).close()

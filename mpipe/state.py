@@ -3,6 +3,7 @@
 Layout under the workdir::
 
     <workdir>/.mpipe/lock                       one run at a time (flock)
+    <workdir>/.mpipe/clean-exit                 the last run left no temporary file
     <workdir>/.mpipe/<pipeline>/ledger.sqlite   committed items (resume)
     <workdir>/.mpipe/<pipeline>/last-run.json   the latest run report
     <workdir>/<writer.path>                     results.h5, replaced whole
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 class RunPaths:
     workdir: Path
     lock: Path
+    clean_exit: Path
     state_dir: Path
     ledger: Path
     results: Path
@@ -59,6 +61,7 @@ class RunPaths:
         return cls(
             workdir=workdir,
             lock=workdir / ".mpipe" / "lock",
+            clean_exit=workdir / ".mpipe" / "clean-exit",
             state_dir=state,
             ledger=state / "ledger.sqlite",
             results=results,

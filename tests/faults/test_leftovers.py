@@ -1,0 +1,85 @@
+"""What a run leaves half-written is removed by the next one; a clean run says
+it left nothing, so the next one need not walk the whole workdir
+(Runner._remove_leftovers, docs/RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import check_against_reference, make_inputs, mpipe, notes_config, start_mpipe
+
+MARK = ".mpipe/clean-exit"
+FAULT_FN = "tests.faults.stages:notes_with_fault"
+
+
+def _plant(path: Path) -> Path:
+    """A temporary file as a killed worker leaves one (mpipe.outputs.tmp_sibling)."""
+    leftover = path.with_name(f"{path.name}.mpipe-tmp-4242-0badcafe")
+    leftover.write_bytes(b"half")
+    return leftover
+
+
+def test_a_clean_run_marks_the_workdir_and_the_next_run_skips_the_walk(
+        tmp_path: Path) -> None:
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0)
+    assert mpipe("run", cfg).returncode == 0
+    assert (tmp_path / MARK).exists()
+    deep = _plant(tmp_path / "input/t001/ch03.npy")
+    # Reports are written after the lock is released: the state directory is
+    # always looked at.
+    report_tmp = _plant(tmp_path / ".mpipe/notes/last-run.json")
+    again = mpipe("run", cfg, "--fresh")
+    assert again.returncode == 0, again.stderr
+    assert not report_tmp.exists()
+    assert deep.exists()  # not looked for: the last run left nothing behind
+    assert (tmp_path / MARK).exists()
+    check_against_reference(tmp_path, 3, 0)
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "hang"])
+def test_a_run_with_a_dead_or_killed_worker_leaves_no_mark(tmp_path: Path,
+                                                            fault: str) -> None:
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0, fn=FAULT_FN,
+                       stage_extra="retries: 2\ntimeout_s: 2\n")
+    (tmp_path / ".mpipe").mkdir()
+    (tmp_path / MARK).touch()  # as a clean run before this one left it
+    args = ("--set", f"params.fault={fault}", "--set", "params.fault_key=t001",
+            "--set", "params.fault_times=1")
+    proc = mpipe("run", cfg, *args)
+    assert proc.returncode == 0, proc.stderr  # the item was redone on a fresh worker
+    assert not (tmp_path / MARK).exists()
+    deep = _plant(tmp_path / "output/t001/ch03.npy")
+    again = mpipe("run", cfg, *args)  # the fault has fired: it does not again
+    assert again.returncode == 0, again.stderr
+    assert not deep.exists()
+    assert "removed 1 temporary file(s) left by an interrupted run" in again.stderr
+    assert (tmp_path / MARK).exists()
+    check_against_reference(tmp_path, 3, 0)
+
+
+def test_an_interrupted_run_leaves_no_mark(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 4)
+    cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2,
+                       fn="tests.faults.stages:sleepy")
+    (tmp_path / ".mpipe").mkdir()
+    (tmp_path / MARK).touch()
+    proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "0.5"})
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "processes are up" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert not (tmp_path / MARK).exists()
+    # Its unsealed results file is what the next run removes.
+    again = mpipe("run", cfg, env={"MPIPE_TEST_SLEEP_S": "0"})
+    assert again.returncode == 0, again.stderr
+    assert not list(tmp_path.glob("results.h5.mpipe-tmp-*"))
+    assert (tmp_path / MARK).exists()
+    check_against_reference(tmp_path, 4, 0)
