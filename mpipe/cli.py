@@ -398,8 +398,11 @@ def _load(args: argparse.Namespace, *,
     if args.command == "run":
         from mpipe import forkserver
 
+        # Not with a prepare: a process it forks and leaves running would hold
+        # the sealer's pipes open.
         code = forkserver.check_names(checks, cfg.allowed_modules, loaded.base_dir,
-                                      getattr(logging, args.log_level), meanwhile)
+                                      getattr(logging, args.log_level),
+                                      meanwhile if cfg.prepare is None else None)
     else:
         code = imports.check_names(checks, cfg.allowed_modules, loaded.base_dir)
     loaded = dataclasses.replace(loaded, code=code)
@@ -541,9 +544,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The sealer starts while the config's names are checked (mpipe.sealer);
     # the runner stops it, or, if the run never starts, this does.
     sealers: list[Sealer] = []
+
+    def start_sealer() -> None:
+        try:
+            sealers.append(Sealer(forkserver.context(), getattr(logging, args.log_level)))
+        except (OSError, MpipeError) as exc:
+            # A limit of the machine's: the run meets it again as it starts
+            # its processes, and says so (exit 3, with a report).
+            logging.getLogger("mpipe").info("could not start the sealer early: %s", exc)
+
     try:
-        return _run(args, lambda: sealers.append(
-            Sealer(forkserver.context(), getattr(logging, args.log_level))), sealers)
+        return _run(args, start_sealer, sealers)
     finally:
         for sealer in sealers:
             sealer.stop(grace_s=5.0)  # nothing to do once the runner has stopped it
@@ -578,7 +589,7 @@ def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
     except MpipeError as exc:  # could not start (locked, outputs unwritable), or stopped
         own = targets[1:] if isinstance(exc, RunLockedError) else targets
         _write_reports(report.build(loaded, runner.counts_so_far(exc), exc.exit_code, started),
-                       own, failing=exc)
+                       own, failing=exc, clean_exit=runner.paths.clean_exit)
         raise
     except Exception as exc:  # a bug: say so in the report, not leave the last run's
         bug: MpipeError = InternalError(f"{type(exc).__name__}: {exc}")
@@ -591,12 +602,12 @@ def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
         except Exception:
             pass  # the report's own code may be what failed
         else:
-            _write_reports(doc, targets, failing=exc)
+            _write_reports(doc, targets, failing=exc, clean_exit=runner.paths.clean_exit)
         raise
     error = result.error
     exit_code = error.exit_code if error else 0
     doc = report.build(loaded, result, exit_code, started, prepare_s=runner.prepare_s)
-    unwritten = _write_reports(doc, targets, failing=error)
+    unwritten = _write_reports(doc, targets, failing=error, clean_exit=runner.paths.clean_exit)
     if error is None and unwritten is not None:
         exit_code = unwritten.exit_code  # all went well but the report (printed above)
     if not args.quiet:
@@ -621,18 +632,34 @@ def _print_error(error: MpipeError) -> None:
         print(f"  also: {note}", file=sys.stderr)
 
 
+def _outside_state_dir(target: Path, state_dir: Path) -> bool:
+    """Whether ``target`` is in the workdir that holds ``state_dir``, but not in it."""
+    try:
+        where = target.resolve().parent
+        return (where.is_relative_to(state_dir.parent.resolve())
+                and not where.is_relative_to(state_dir.resolve()))
+    except OSError:
+        return True
+
+
 def _write_reports(doc: dict[str, Any], targets: list[Path], *,
-                   failing: BaseException | None = None) -> MpipeError | None:
+                   failing: BaseException | None = None,
+                   clean_exit: Path | None = None) -> MpipeError | None:
     """Write the report to each target; print and return the first failure, if any.
 
     When the run itself is ``failing``, a report that cannot be written is a
     note on that error, printed after it: its cause is often the run's own (a
     file where the state directory should be), and the run's error comes first.
+    ``clean_exit`` is the workdir's mark (mpipe.runner.Runner._remove_leftovers).
     """
     from mpipe import report
 
     failed = None
     for target in targets:
+        if clean_exit is not None and _outside_state_dir(target, clean_exit.parent):
+            # Its temporary is not looked for after a clean exit: a run killed
+            # while writing it would leave it for good.
+            clean_exit.unlink(missing_ok=True)
         try:
             report.write(doc, target)
         except MpipeError as exc:

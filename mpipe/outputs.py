@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,48 @@ logger = logging.getLogger(__name__)
 
 TMP_MARK = ".mpipe-tmp-"
 OLD_MARK = ".mpipe-old-"
+
+# What this process may leave behind (see temporaries_left).  Threads of one
+# stage may write outputs at once: counted under a lock.
+_lock = threading.Lock()
+_open_temporaries = 0
+_unremoved = False
+# The exit code of a child that may have left a temporary behind: the runner
+# then does not mark a clean exit, and the next run looks for leftovers.
+TEMPORARIES_LEFT_EXIT = 17
+
+
+def temporaries_left() -> bool:
+    """Whether this process made a temporary it did not rename or remove.
+
+    True while an ``atomic_dir`` block is open (a thread still writing when the
+    process ends) and, for good, once a removal failed (an NFS ``.nfs*`` file
+    of a handle still open, a read-only subdirectory, a mount point).
+    """
+    return _unremoved or _open_temporaries > 0
+
+
+def exit_if_temporaries_left() -> None:
+    """The last call of a child's main: exit with TEMPORARIES_LEFT_EXIT if need be."""
+    if temporaries_left():
+        raise SystemExit(TEMPORARIES_LEFT_EXIT)
+
+
+def _opened() -> None:
+    global _open_temporaries
+    with _lock:
+        _open_temporaries += 1
+
+
+def _settled(*removed: Path) -> None:
+    """An atomic_dir block is over; ``removed`` should be gone now."""
+    global _open_temporaries, _unremoved
+    with _lock:
+        _open_temporaries -= 1
+        if any(os.path.lexists(p) for p in removed):
+            _unremoved = True
+            logger.warning("could not remove %s: the next run looks for it",
+                           ", ".join(str(p) for p in removed if os.path.lexists(p)))
 
 
 def _random_tag() -> str:
@@ -60,11 +103,13 @@ def atomic_dir(final: Path, *, fsync: bool) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(final)
     tmp.mkdir()
+    _opened()
+    old: list[Path] = []  # what _replace_dir moved aside, if anything
     try:
         yield tmp
         if fsync:
             _fsync_tree(tmp)
-        _replace_dir(tmp, final)
+        _replace_dir(tmp, final, old)
         if fsync:
             fsync_path(final.parent, directory=True)
     except OSError as exc:
@@ -79,6 +124,8 @@ def atomic_dir(final: Path, *, fsync: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _settled(tmp, *old)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -103,18 +150,17 @@ def _nearly_full(path: Path) -> bool:
     return st.f_bavail * st.f_frsize < 1 << 20
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def _replace_dir(tmp: Path, final: Path, old: list[Path]) -> None:
     # rename(2) cannot replace a non-empty directory, so an existing one is
-    # first moved aside.  A crash between the two renames leaves no final
-    # directory at all, never a mixed one; the item is then not committed and
-    # the next run redoes it.
-    old: Path | None = None
+    # first moved aside (its name appended to ``old``).  A crash between the
+    # two renames leaves no final directory at all, never a mixed one; the
+    # item is then not committed and the next run redoes it.
     if final.exists():
-        old = final.with_name(f"{final.name}{OLD_MARK}{_random_tag()}")
-        os.rename(final, old)
+        old.append(final.with_name(f"{final.name}{OLD_MARK}{_random_tag()}"))
+        os.rename(final, old[0])
     os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if old:
+        shutil.rmtree(old[0], ignore_errors=True)
 
 
 def remove_leftovers(root: Path) -> list[Path]:

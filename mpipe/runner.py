@@ -123,6 +123,8 @@ logger = logging.getLogger(__name__)
 
 # How long the consumer and writer get to finish after the last item is in.
 SINK_DEADLINE_S = 120.0
+# The workdir is walked whole for leftovers at least this often (_remove_leftovers).
+FULL_WALK_EVERY_S = 86400.0
 
 
 class ProgressReporter(Protocol):
@@ -185,7 +187,9 @@ class Runner:
         self._loop_started_at = 0.0  # wall clock, set when the loop begins
         self._sealer = sealer
         self._seal_reply: object = None  # what the sealer answered, read in teardown
-        self._leftovers_removed = False  # see _remove_leftovers, _mark_clean_exit
+        # When the workdir was last walked for leftovers, once this run has
+        # removed them (_remove_leftovers); None before, and after teardown.
+        self._walked_at: float | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -259,34 +263,48 @@ class Runner:
         Walking the workdir takes time in proportion to its files (8 ms for the
         benchmarks' 6,000, seconds for millions of inputs), on every run.  So
         the walk is skipped when the last run to hold the lock marked that it
-        left nothing behind (:meth:`_mark_clean_exit`); the mark is taken away
+        left nothing behind (:meth:`_mark_clean_exit`), unless the last walk is
+        a day old: what no process of mpipe's knows it left (a straggler of a
+        run killed long before) is found within a day.  The mark is taken away
         first, so that a run that dies leaves none.  The state directory, where
         reports are written after the lock is released, is looked at always.
         """
         mark = self.paths.clean_exit
         try:
+            walked_at = float(mark.read_text())
+        except (OSError, ValueError):  # no mark (or a torn one): walk
+            walked_at = 0.0
+        now = time.time()
+        try:
             mark.unlink()
         except FileNotFoundError:
-            removed = outputs.remove_leftovers(self.paths.workdir)
+            pass
         else:
             if self.config.fsync:
                 # Gone for good before this run makes any temporary file.
                 outputs.fsync_path(mark.parent, directory=True)
+        if 0 <= now - walked_at < FULL_WALK_EVERY_S:
             removed = outputs.remove_leftovers(mark.parent)
-        self._leftovers_removed = True
+        else:
+            removed = outputs.remove_leftovers(self.paths.workdir)
+            walked_at = now
+        self._walked_at = walked_at
         return removed
 
     def _mark_clean_exit(self) -> None:
         """Tell the next run that this one left no temporary file anywhere.
 
         Said only of a run that sealed its results and whose every process
-        (workers, producer, consumer, writers, sealer) exited by itself with
-        0: a process that died or was killed may have been writing one.  A
-        stage on Dask never says it (its workers are not mpipe's to watch).
-        Written under the run lock; if it cannot be, the next run walks.
+        (workers, producer, consumer, writers, the sealer that sealed) exited
+        by itself with 0: a process that died or was killed may have been
+        writing one, and one that knows it left one exits with
+        :data:`mpipe.outputs.TEMPORARIES_LEFT_EXIT`.  A stage on Dask never
+        says it (its workers are not mpipe's to watch).
+        Written under the run lock; if it cannot be, the next run walks.  It
+        holds when the workdir was last walked whole.
         """
         try:
-            self.paths.clean_exit.touch()
+            self.paths.clean_exit.write_text(repr(self._walked_at))
         except OSError as exc:
             logger.debug("cannot mark a clean exit (%s): the next run looks for leftovers", exc)
 
@@ -358,26 +376,13 @@ class Runner:
         # The sealer first, if `mpipe run` has not started it already: it
         # imports h5py as it starts (some 50 ms), the longest start of any
         # child, and an empty or short run waits for it at the end.  Then the
-        # producer, so that the first items (or, with nothing to do, the end
-        # of the stream) are on their way while the rest start; then the sink,
-        # so the writer is up before results arrive.  Every queue and
-        # semaphore is kept referenced here for the whole run: a child started
-        # by the forkserver opens named semaphores by name after start()
-        # returns, and a collected one is unlinked under it.
+        # sink, so the writer is up before results arrive; the producer last,
+        # so that no source code runs for a run whose processes could not all
+        # start.  Every queue and semaphore is kept referenced here for the
+        # whole run: a child started by the forkserver opens named semaphores
+        # by name after start() returns, and a collected one is unlinked under it.
         if self._sealer is None:
             self._sealer = Sealer(self._mp, self.log_level)
-        source_messages, source_batch_max = source_queue_bounds(cfg.source.queue_size)
-        self._source_queue = self._mp.Queue(source_messages)
-        ledger = None if self.fresh else str(self.paths.ledger)
-        self._producer = self._spawn("producer", producer_main, (
-            ProducerSpec(cfg.source.fn, params, workdir, cfg.allow_outside_workdir,
-                         config_fingerprint(cfg, self.loaded.code), ledger, self.log_level,
-                         pipeline_dir, self._limit, source_batch_max),
-            self._source_queue, self._lifeline_r, self.stop_event))
-        # The producer has its copy of the write end: with the runner's closed,
-        # a producer killed halfway through a message is an EOF for the
-        # runner, not a read that waits for the rest for ever.
-        self._source_queue._writer.close()  # type: ignore[attr-defined]
         # One message more than the batches that can be in it (each holds at
         # least one of writer.queue_size items in flight): the EndOfStream
         # always fits, so the runner never blocks on a consumer that died.
@@ -427,6 +432,18 @@ class Runner:
             self._pools.append(pool)
             first_slot += workers
 
+        source_messages, source_batch_max = source_queue_bounds(cfg.source.queue_size)
+        self._source_queue = self._mp.Queue(source_messages)
+        ledger = None if self.fresh else str(self.paths.ledger)
+        self._producer = self._spawn("producer", producer_main, (
+            ProducerSpec(cfg.source.fn, params, workdir, cfg.allow_outside_workdir,
+                         config_fingerprint(cfg, self.loaded.code), ledger, self.log_level,
+                         pipeline_dir, self._limit, source_batch_max),
+            self._source_queue, self._lifeline_r, self.stop_event))
+        # The producer has its copy of the write end: with the runner's closed,
+        # a producer killed halfway through a message is an EOF for the
+        # runner, not a read that waits for the rest for ever.
+        self._source_queue._writer.close()  # type: ignore[attr-defined]
         self._startup_s = time.monotonic() - self._t0
         logger.info("the pipeline's processes are up (%.3f s)", self._startup_s)
 
@@ -959,15 +976,15 @@ class Runner:
         if hasattr(self, "stop_event"):
             self.stop_event.set()
         # Whether this run leaves the next one nothing to clean (_mark_clean_exit).
-        clean = self._leftovers_removed
-        self._leftovers_removed = False  # decided once, under the lock
+        # prepare's own outputs, if any, were made in this process.
+        clean = self._walked_at is not None and not outputs.temporaries_left()
         for pool in self._pools:
             pool.shutdown(grace_s=min(grace_s, 5.0))
             clean = clean and pool.exited_cleanly()
         # Drain the source queue before joining the producer: a process with
         # items still buffered for a queue cannot exit (multiprocessing docs,
         # "Joining processes that use queues").
-        if hasattr(self, "_source_queue"):
+        if hasattr(self, "_producer"):  # not if it could not start
             deadline = time.monotonic() + 5.0
             while self._producer.exitcode is None and time.monotonic() < deadline:
                 ready = wait([self._source_queue._reader, self._producer.sentinel],  # type: ignore[attr-defined]
@@ -991,6 +1008,7 @@ class Runner:
                 self._seal_reply = self._sealer.answer()
             if clean and isinstance(self._seal_reply, Sealed) and self._sealer.exitcode == 0:
                 self._mark_clean_exit()
+        self._walked_at = None  # decided once, under the lock
         for q in ("_source_queue", "_sink_queue"):
             if hasattr(self, q):
                 getattr(self, q).close()

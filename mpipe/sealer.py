@@ -60,16 +60,22 @@ class Sealer:
         return True
 
     def stop(self, grace_s: float) -> int | None:
-        """Let it finish (sealing) or tell it to exit (not); its exit code.
+        """Let it finish sealing, or kill it if it was never asked to; its exit code.
 
-        ``grace_s`` is how long it may take before it is killed.  Its answer,
-        if it sealed, stays readable on :attr:`conn` (:meth:`answer`).
+        ``grace_s`` is how long sealing may take before it is killed.  Its
+        answer, if it sealed, stays readable on :attr:`conn` (:meth:`answer`).
         """
         if not self._stopped:
             self._stopped = True
-            if not self.sealing:
-                self.conn.close()  # EOF: exit without touching anything
-            procs.stop_processes([self.process], grace_s=grace_s)
+            if self.sealing:
+                procs.stop_processes([self.process], grace_s=grace_s)
+            else:
+                # It has opened nothing: no need to wait for its h5py import
+                # to end, nor for a pipe end that a process forked meanwhile
+                # (by a stage's own code) might hold open.
+                self.conn.close()
+                self.process.kill()
+                self.process.join()
             self._lifeline.close()
             self.exitcode = self.process.exitcode
         return self.exitcode

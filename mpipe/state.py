@@ -4,6 +4,7 @@ Layout under the workdir::
 
     <workdir>/.mpipe/lock                       one run at a time (flock)
     <workdir>/.mpipe/clean-exit                 the last run left no temporary file
+                                                (holds when the workdir was last walked)
     <workdir>/.mpipe/<pipeline>/ledger.sqlite   committed items (resume)
     <workdir>/.mpipe/<pipeline>/last-run.json   the latest run report
     <workdir>/<writer.path>                     results.h5, replaced whole

@@ -246,6 +246,10 @@ class Tuner:
         lock = RunLock(self.paths.lock)
         lock.acquire()
         try:
+            # Sample runs write what is not their own through the scratch's
+            # links into this workdir, and one killed there may leave a
+            # temporary: the next real run looks for it (Runner._remove_leftovers).
+            self.paths.clean_exit.unlink(missing_ok=True)
             shutil.rmtree(self.scratch, ignore_errors=True)
             mirror(self.paths.workdir, self.scratch, kept_out)
             chosen = dict(current)

@@ -30,7 +30,7 @@ from multiprocessing.synchronize import Semaphore
 from pathlib import Path
 from typing import Any, Protocol
 
-from mpipe import imports, procs
+from mpipe import imports, outputs, procs
 from mpipe.context import SlotFlags, StageContext, StopFlag
 from mpipe.errors import OutputError
 from mpipe.messages import (
@@ -97,6 +97,7 @@ def worker_main(
     )
     conn.send(WorkerReady(os.getpid()))
     _serve(conn, fn, with_ctx, ctx, running, spec.slot, spec.last_stage)
+    outputs.exit_if_temporaries_left()
 
 
 # Replies of quick items are sent together; a reply never waits longer than this.

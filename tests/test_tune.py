@@ -138,3 +138,17 @@ def test_missing_ruamel_names_the_extra(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(ConfigError) as info:
         write_workers(cfg, {"a": 2})
     assert "pip install 'mpipe[tune]'" in str(info.value)
+
+
+def test_tune_takes_the_real_workdir_clean_exit_mark_away(tmp_path: Path) -> None:
+    # Sample runs write what is not their own through the scratch's links into
+    # the real workdir: a killed one may leave a temporary file there, which
+    # the next real run must look for (mpipe.runner.Runner._remove_leftovers).
+    make_inputs(tmp_path, 3)
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(CONFIG)
+    assert mpipe("run", cfg).returncode == 0
+    assert (tmp_path / ".mpipe" / "clean-exit").exists()
+    proc = mpipe("tune", cfg, "--workers", "1", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / ".mpipe" / "clean-exit").exists()

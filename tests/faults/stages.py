@@ -194,3 +194,22 @@ def kill_the_sealer(value: dict[str, int], ctx: StageContext) -> Any:
             except (OSError, ValueError, IndexError):
                 pass  # not a process, or gone
     return notes.process_task(value, ctx)
+
+
+def leaves_a_writing_thread(value: dict[str, int], ctx: StageContext) -> Any:
+    """The notes stage, which on item t001 also starts a daemon thread that is
+    still inside ``ctx.output_dir`` when its worker exits at the end of the run."""
+    if ctx.key == "t001":
+        import threading
+
+        started = threading.Event()
+
+        def write_for_ever() -> None:
+            with ctx.output_dir("output/straggler") as tmp:
+                (tmp / "part").write_bytes(b"half")
+                started.set()
+                time.sleep(3600)
+
+        threading.Thread(target=write_for_ever, daemon=True).start()
+        started.wait()
+    return notes.process_task(value, ctx)

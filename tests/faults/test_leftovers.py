@@ -5,6 +5,7 @@ it left nothing, so the next one need not walk the whole workdir
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -68,18 +69,77 @@ def test_an_interrupted_run_leaves_no_mark(tmp_path: Path) -> None:
                        fn="tests.faults.stages:sleepy")
     (tmp_path / ".mpipe").mkdir()
     (tmp_path / MARK).touch()
-    proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "0.5"})
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "processes are up" in line:
-            break
+    proc = start_mpipe("run", cfg, env={"MPIPE_TEST_SLEEP_S": "0.5"})
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("results.h5.mpipe-tmp-*")):  # the first rows are in
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert not (tmp_path / MARK).exists()
+    assert list(tmp_path.glob("results.h5.mpipe-tmp-*"))  # not sealed
     # Its unsealed results file is what the next run removes.
     again = mpipe("run", cfg, env={"MPIPE_TEST_SLEEP_S": "0"})
     assert again.returncode == 0, again.stderr
     assert not list(tmp_path.glob("results.h5.mpipe-tmp-*"))
     assert (tmp_path / MARK).exists()
     check_against_reference(tmp_path, 4, 0)
+
+
+def test_a_worker_exiting_with_an_output_unfinished_leaves_no_mark(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0,
+                       fn="tests.faults.stages:leaves_a_writing_thread")
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 0, proc.stderr
+    [straggler] = (tmp_path / "output").glob("straggler.mpipe-tmp-*")
+    assert not (tmp_path / MARK).exists()
+    again = mpipe("run", notes_config(tmp_path, tasks=3, repeat=0))
+    assert again.returncode == 0, again.stderr
+    assert not straggler.exists()
+    assert (tmp_path / MARK).exists()
+
+
+def test_a_temporary_that_could_not_be_removed_is_said_and_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on NFS, where a file still open leaves a .nfs* entry rmtree cannot remove.
+    from mpipe import outputs
+
+    monkeypatch.setattr(outputs, "_unremoved", False)
+    monkeypatch.setattr(outputs.shutil, "rmtree", lambda *a, **k: None)
+    with pytest.raises(RuntimeError), outputs.atomic_dir(tmp_path / "out", fsync=False):
+        raise RuntimeError("the stage failed")
+    assert outputs.temporaries_left()
+    with pytest.raises(SystemExit) as exited:
+        outputs.exit_if_temporaries_left()
+    assert exited.value.code == outputs.TEMPORARIES_LEFT_EXIT
+
+
+def test_the_workdir_is_walked_whole_at_least_daily(tmp_path: Path) -> None:
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    (tmp_path / ".mpipe").mkdir()
+    (tmp_path / MARK).write_text(repr(time.time() - 2 * 86400))  # walked two days ago
+    deep = _plant(tmp_path / "input/t001/ch03.npy")
+    proc = mpipe("run", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert not deep.exists()
+    assert time.time() - float((tmp_path / MARK).read_text()) < 600
+
+
+def test_a_report_written_into_the_workdir_takes_the_mark_away(tmp_path: Path) -> None:
+    # It is written after the lock is released; its temporary is in no
+    # directory a run after a clean exit looks at.
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    (tmp_path / "reports").mkdir()
+    proc = mpipe("run", cfg, "--report", tmp_path / "reports/run.json")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "reports/run.json").exists()
+    assert not (tmp_path / MARK).exists()
+    outside = tmp_path.parent / f"{tmp_path.name}-report.json"
+    proc = mpipe("run", cfg, "--report", outside)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / MARK).exists()
+    outside.unlink()
