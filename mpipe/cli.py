@@ -578,7 +578,8 @@ def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
                                quiet=args.quiet, interval_s=args.progress_interval)
     runner = Runner(loaded, fresh=args.fresh, log_level=getattr(logging, args.log_level),
                     prepare=prepare, limit=args.limit, progress=reporter,
-                    sealer=sealers[0] if sealers else None)
+                    sealer=sealers[0] if sealers else None,
+                    reports=[args.report] if args.report else [])
     # Every run leaves a report for cron and monitoring, even one that could not
     # start.  Not in the default place when the workdir is locked: that one
     # belongs to the run holding the lock.
@@ -589,7 +590,7 @@ def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
     except MpipeError as exc:  # could not start (locked, outputs unwritable), or stopped
         own = targets[1:] if isinstance(exc, RunLockedError) else targets
         _write_reports(report.build(loaded, runner.counts_so_far(exc), exc.exit_code, started),
-                       own, failing=exc, clean_exit=runner.paths.clean_exit)
+                       own, failing=exc)
         raise
     except Exception as exc:  # a bug: say so in the report, not leave the last run's
         bug: MpipeError = InternalError(f"{type(exc).__name__}: {exc}")
@@ -602,12 +603,12 @@ def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
         except Exception:
             pass  # the report's own code may be what failed
         else:
-            _write_reports(doc, targets, failing=exc, clean_exit=runner.paths.clean_exit)
+            _write_reports(doc, targets, failing=exc)
         raise
     error = result.error
     exit_code = error.exit_code if error else 0
     doc = report.build(loaded, result, exit_code, started, prepare_s=runner.prepare_s)
-    unwritten = _write_reports(doc, targets, failing=error, clean_exit=runner.paths.clean_exit)
+    unwritten = _write_reports(doc, targets, failing=error)
     if error is None and unwritten is not None:
         exit_code = unwritten.exit_code  # all went well but the report (printed above)
     if not args.quiet:
@@ -632,34 +633,18 @@ def _print_error(error: MpipeError) -> None:
         print(f"  also: {note}", file=sys.stderr)
 
 
-def _outside_state_dir(target: Path, state_dir: Path) -> bool:
-    """Whether ``target`` is in the workdir that holds ``state_dir``, but not in it."""
-    try:
-        where = target.resolve().parent
-        return (where.is_relative_to(state_dir.parent.resolve())
-                and not where.is_relative_to(state_dir.resolve()))
-    except OSError:
-        return True
-
-
 def _write_reports(doc: dict[str, Any], targets: list[Path], *,
-                   failing: BaseException | None = None,
-                   clean_exit: Path | None = None) -> MpipeError | None:
+                   failing: BaseException | None = None) -> MpipeError | None:
     """Write the report to each target; print and return the first failure, if any.
 
     When the run itself is ``failing``, a report that cannot be written is a
     note on that error, printed after it: its cause is often the run's own (a
     file where the state directory should be), and the run's error comes first.
-    ``clean_exit`` is the workdir's mark (mpipe.runner.Runner._remove_leftovers).
     """
     from mpipe import report
 
     failed = None
     for target in targets:
-        if clean_exit is not None and _outside_state_dir(target, clean_exit.parent):
-            # Its temporary is not looked for after a clean exit: a run killed
-            # while writing it would leave it for good.
-            clean_exit.unlink(missing_ok=True)
         try:
             report.write(doc, target)
         except MpipeError as exc:

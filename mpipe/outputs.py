@@ -30,13 +30,24 @@ TMP_MARK = ".mpipe-tmp-"
 OLD_MARK = ".mpipe-old-"
 
 # What this process may leave behind (see temporaries_left).  Threads of one
-# stage may write outputs at once: counted under a lock.
+# stage may write outputs at once: counted under a lock, which a child forked
+# by a stage (its own multiprocessing.Pool) gets anew, with nothing open.
 _lock = threading.Lock()
 _open_temporaries = 0
 _unremoved = False
+_closing = False
 # The exit code of a child that may have left a temporary behind: the runner
 # then does not mark a clean exit, and the next run looks for leftovers.
 TEMPORARIES_LEFT_EXIT = 17
+
+
+def _forget_in_child() -> None:
+    global _lock, _open_temporaries, _unremoved, _closing
+    _lock = threading.Lock()
+    _open_temporaries, _unremoved, _closing = 0, False, False
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def temporaries_left() -> bool:
@@ -50,26 +61,45 @@ def temporaries_left() -> bool:
 
 
 def exit_if_temporaries_left() -> None:
-    """The last call of a child's main: exit with TEMPORARIES_LEFT_EXIT if need be."""
-    if temporaries_left():
+    """The last call of a child's main: exit with TEMPORARIES_LEFT_EXIT if need be.
+
+    The stage's other non-daemon threads are waited for first (the process
+    would wait for them anyway); a daemon thread that tries to open an output
+    after this fails instead, as the process is about to end under it.
+    """
+    global _closing
+    main = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon and thread is not threading.current_thread():
+            thread.join()
+    with _lock:
+        _closing = True
+        left = temporaries_left()
+    if left:
+        logger.info("exiting with a temporary output still open or not removed: "
+                    "the next run looks for leftovers")
         raise SystemExit(TEMPORARIES_LEFT_EXIT)
 
 
 def _opened() -> None:
     global _open_temporaries
     with _lock:
+        if _closing:
+            raise RuntimeError("this process is exiting: no new output directory")
         _open_temporaries += 1
 
 
 def _settled(*removed: Path) -> None:
     """An atomic_dir block is over; ``removed`` should be gone now."""
     global _open_temporaries, _unremoved
+    left = [p for p in removed if os.path.lexists(p)]
     with _lock:
         _open_temporaries -= 1
-        if any(os.path.lexists(p) for p in removed):
+        if left:
             _unremoved = True
-            logger.warning("could not remove %s: the next run looks for it",
-                           ", ".join(str(p) for p in removed if os.path.lexists(p)))
+    if left:
+        logger.warning("could not remove %s: the next run looks for it",
+                       ", ".join(map(str, left)))
 
 
 def _random_tag() -> str:
@@ -102,8 +132,12 @@ def atomic_dir(final: Path, *, fsync: bool) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(final)
-    tmp.mkdir()
-    _opened()
+    _opened()  # before it exists: counted from the moment it might
+    try:
+        tmp.mkdir()
+    except BaseException:
+        _settled()
+        raise
     old: list[Path] = []  # what _replace_dir moved aside, if anything
     try:
         yield tmp
@@ -164,7 +198,8 @@ def _replace_dir(tmp: Path, final: Path, old: list[Path]) -> None:
 
 
 def remove_leftovers(root: Path) -> list[Path]:
-    """Delete temporary files and directories a killed run left under ``root``.
+    """Delete temporary files and directories a killed run left under ``root``;
+    return those found (check whether each is gone: a removal may fail).
 
     Only called while holding the workdir's run lock, so no live run owns them.
     """

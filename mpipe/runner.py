@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 import signal
 import socket
@@ -71,7 +72,7 @@ import sqlite3
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -161,7 +162,8 @@ class Runner:
                  prepare: Callable[..., Any] | None = None,
                  limit: int | None = None,
                  progress: ProgressReporter | None = None,
-                 sealer: Sealer | None = None) -> None:
+                 sealer: Sealer | None = None,
+                 reports: Sequence[Path] = ()) -> None:
         self.loaded = loaded
         self._prepare = prepare
         self._limit = limit
@@ -186,6 +188,7 @@ class Runner:
         self._startup_s = 0.0  # set once the processes are up
         self._loop_started_at = 0.0  # wall clock, set when the loop begins
         self._sealer = sealer
+        self._reports = list(reports)  # written by the caller after the run (_mark_clean_exit)
         self._seal_reply: object = None  # what the sealer answered, read in teardown
         # When the workdir was last walked for leftovers, once this run has
         # removed them (_remove_leftovers); None before, and after teardown.
@@ -284,12 +287,18 @@ class Runner:
                 # Gone for good before this run makes any temporary file.
                 outputs.fsync_path(mark.parent, directory=True)
         if 0 <= now - walked_at < FULL_WALK_EVERY_S:
-            removed = outputs.remove_leftovers(mark.parent)
+            found = outputs.remove_leftovers(mark.parent)
         else:
-            removed = outputs.remove_leftovers(self.paths.workdir)
+            found = outputs.remove_leftovers(self.paths.workdir)
             walked_at = now
-        self._walked_at = walked_at
-        return removed
+        left = [p for p in found if os.path.lexists(p)]
+        if left:
+            # An NFS .nfs* entry of a file still open, a read-only directory:
+            # not marked clean, so the next run tries again.
+            logger.warning("could not remove %d leftover(s), e.g. %s: the next run tries again",
+                           len(left), left[0])
+        self._walked_at = None if left else walked_at
+        return [p for p in found if p not in left]
 
     def _mark_clean_exit(self) -> None:
         """Tell the next run that this one left no temporary file anywhere.
@@ -303,10 +312,27 @@ class Runner:
         Written under the run lock; if it cannot be, the next run walks.  It
         holds when the workdir was last walked whole.
         """
+        for report in self._reports:
+            if not self._in_state_dir_or_outside(report):
+                # Written after the lock is released, its temporary is in no
+                # directory the next run would look at.
+                logger.debug("not marking a clean exit: the report %s is in the workdir",
+                             report)
+                return
         try:
             self.paths.clean_exit.write_text(repr(self._walked_at))
         except OSError as exc:
             logger.debug("cannot mark a clean exit (%s): the next run looks for leftovers", exc)
+
+    def _in_state_dir_or_outside(self, report: Path) -> bool:
+        """Whether ``report``'s temporary (made beside it) is looked for after a clean exit."""
+        try:
+            where = report.parent.resolve()
+            workdir = self.paths.workdir.resolve()
+            state = self.paths.clean_exit.parent.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: say no
+            return False
+        return where.is_relative_to(state) or not where.is_relative_to(workdir)
 
     def _prepare_workdir(self) -> None:
         try:

@@ -3,8 +3,10 @@
 The sealer (:func:`mpipe.writer.seal_main`) imports h5py as it starts, the
 longest start of any child (50-70 ms here), and every run waits for it at the
 end.  So it is started as early as a run can start a process: ``mpipe run``
-starts it right after the child that checks the config's names, and its import
-runs while that check and the run's set-up do (docs/BENCHMARKS.md, "What
+starts it right after the child that checks the config's names (unless the
+config has a ``prepare``, which runs in mpipe's own process and may leave
+processes it forked holding the sealer's pipes), and its import runs while that
+check and the run's set-up do (docs/BENCHMARKS.md, "What
 changed since run 12").  Started that early it opens nothing: it waits for the
 runner's :class:`~mpipe.writer.SealSpec`, or for the end of its pipe, which
 means the run is not to be sealed (a config error, a run that could not start,
@@ -24,6 +26,9 @@ from mpipe import procs
 from mpipe.writer import SealSpec, seal_main
 
 logger = logging.getLogger(__name__)
+
+# How long a killed sealer may take to be gone before it is left to the kernel.
+KILLED_JOIN_S = 10.0
 
 
 class Sealer:
@@ -71,11 +76,13 @@ class Sealer:
                 procs.stop_processes([self.process], grace_s=grace_s)
             else:
                 # It has opened nothing: no need to wait for its h5py import
-                # to end, nor for a pipe end that a process forked meanwhile
-                # (by a stage's own code) might hold open.
+                # to end.
                 self.conn.close()
-                self.process.kill()
-                self.process.join()
+                if self.process.exitcode is None:  # not a pid the kernel may reuse
+                    self.process.kill()
+                self.process.join(KILLED_JOIN_S)
+                if self.process.exitcode is None:  # in D state: a hung mount
+                    logger.error("writer-seal (pid %s) survived SIGKILL", self.process.pid)
             self._lifeline.close()
             self.exitcode = self.process.exitcode
         return self.exitcode

@@ -19,6 +19,7 @@ With ``params.fault_times: N`` the fault fires only on the first N attempts
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import signal
 import sys
@@ -211,5 +212,22 @@ def leaves_a_writing_thread(value: dict[str, int], ctx: StageContext) -> Any:
                 time.sleep(3600)
 
         threading.Thread(target=write_for_ever, daemon=True).start()
-        started.wait()
+        if not started.wait(60):
+            raise RuntimeError("the writing thread did not start")
+    return notes.process_task(value, ctx)
+
+
+def keeps_writing_in_a_thread(value: dict[str, int], ctx: StageContext) -> Any:
+    """The notes stage, which on item t001 also starts a daemon thread that
+    writes one small output directory after another, for ever: it is between
+    two, or in one, when its worker exits."""
+    if ctx.key == "t001":
+        import threading
+
+        def write_for_ever() -> None:
+            for i in itertools.count():
+                with ctx.output_dir(f"output/late/{i % 50}") as tmp:
+                    (tmp / "part").write_bytes(b"x")
+
+        threading.Thread(target=write_for_ever, daemon=True).start()
     return notes.process_task(value, ctx)

@@ -48,7 +48,7 @@ def test_a_run_with_a_dead_or_killed_worker_leaves_no_mark(tmp_path: Path,
     cfg = notes_config(tmp_path, tasks=3, repeat=0, fn=FAULT_FN,
                        stage_extra="retries: 2\ntimeout_s: 2\n")
     (tmp_path / ".mpipe").mkdir()
-    (tmp_path / MARK).touch()  # as a clean run before this one left it
+    (tmp_path / MARK).write_text(repr(time.time()))  # as a clean run before this one left it
     args = ("--set", f"params.fault={fault}", "--set", "params.fault_key=t001",
             "--set", "params.fault_times=1")
     proc = mpipe("run", cfg, *args)
@@ -68,7 +68,7 @@ def test_an_interrupted_run_leaves_no_mark(tmp_path: Path) -> None:
     cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2,
                        fn="tests.faults.stages:sleepy")
     (tmp_path / ".mpipe").mkdir()
-    (tmp_path / MARK).touch()
+    (tmp_path / MARK).write_text(repr(time.time()))
     proc = start_mpipe("run", cfg, env={"MPIPE_TEST_SLEEP_S": "0.5"})
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob("results.h5.mpipe-tmp-*")):  # the first rows are in
@@ -102,15 +102,19 @@ def test_a_worker_exiting_with_an_output_unfinished_leaves_no_mark(tmp_path: Pat
 
 
 def test_a_temporary_that_could_not_be_removed_is_said_and_counted(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # As on NFS, where a file still open leaves a .nfs* entry rmtree cannot remove.
     from mpipe import outputs
 
     monkeypatch.setattr(outputs, "_unremoved", False)
+    monkeypatch.setattr(outputs, "_closing", False)
     monkeypatch.setattr(outputs.shutil, "rmtree", lambda *a, **k: None)
+    assert not outputs.temporaries_left()
     with pytest.raises(RuntimeError), outputs.atomic_dir(tmp_path / "out", fsync=False):
         raise RuntimeError("the stage failed")
     assert outputs.temporaries_left()
+    [left] = tmp_path.glob("out.mpipe-tmp-*")
+    assert f"could not remove {left}: the next run looks for it" in caplog.text
     with pytest.raises(SystemExit) as exited:
         outputs.exit_if_temporaries_left()
     assert exited.value.code == outputs.TEMPORARIES_LEFT_EXIT
@@ -143,3 +147,44 @@ def test_a_report_written_into_the_workdir_takes_the_mark_away(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / MARK).exists()
     outside.unlink()
+
+
+def test_the_mark_is_never_written_with_a_temporary_left(tmp_path: Path) -> None:
+    # A stage's daemon thread keeps opening output directories: as its worker
+    # exits it is inside one (no mark) or between two, and then opens no more.
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0,
+                       fn="tests.faults.stages:keeps_writing_in_a_thread")
+    for _ in range(3):
+        proc = mpipe("run", cfg, "--fresh")
+        assert proc.returncode == 0, proc.stderr
+        left = list((tmp_path / "output/late").glob("*.mpipe-tmp-*"))
+        assert not ((tmp_path / MARK).exists() and left), left
+
+
+def test_a_report_linked_into_the_workdir_keeps_the_mark_away(tmp_path: Path) -> None:
+    # Its temporary is made beside the link, in the workdir.
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere.json"
+    (tmp_path / "latest.json").symlink_to(elsewhere)
+    proc = mpipe("run", cfg, "--report", tmp_path / "latest.json")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / MARK).exists()
+    elsewhere.unlink(missing_ok=True)  # the report replaced the link (tmp + rename)
+
+
+def test_no_output_is_opened_once_the_process_has_decided_its_exit_code(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stage's daemon thread opening one between the decision and the
+    # process's end would be killed in it, under an exit code that says clean.
+    from mpipe import outputs
+
+    monkeypatch.setattr(outputs, "_unremoved", False)
+    monkeypatch.setattr(outputs, "_closing", False)
+    outputs.exit_if_temporaries_left()  # nothing open: returns, the exit code is 0
+    with pytest.raises(RuntimeError, match="exiting"), \
+            outputs.atomic_dir(tmp_path / "late", fsync=False):
+        pass
+    assert not list(tmp_path.iterdir())
+    assert not outputs.temporaries_left()
