@@ -23,7 +23,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from mpipe import imports, outputs, procs
+from mpipe import imports, procs
 from mpipe.messages import (
     ConsumerDone,
     EndOfStream,
@@ -80,7 +80,6 @@ def consumer_main(
         # exiting earlier would lose the writer's last items.
         to_writer.close()
         to_writer.join_thread()
-    outputs.exit_if_temporaries_left()
 
 
 class _BadTotal(Exception):

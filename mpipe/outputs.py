@@ -61,17 +61,15 @@ def temporaries_left() -> bool:
 
 
 def exit_if_temporaries_left() -> None:
-    """The last call of a child's main: exit with TEMPORARIES_LEFT_EXIT if need be.
+    """A worker's last call: exit with TEMPORARIES_LEFT_EXIT if need be.
 
-    The stage's other non-daemon threads are waited for first (the process
-    would wait for them anyway); a daemon thread that tries to open an output
-    after this fails instead, as the process is about to end under it.
+    The stage's other non-daemon threads end first, as they would at the
+    process's exit (:func:`_end_other_threads`); a daemon thread that tries to
+    open an output after this fails instead, as the process is about to end
+    under it.
     """
     global _closing
-    main = threading.main_thread()
-    for thread in threading.enumerate():
-        if thread is not main and not thread.daemon and thread is not threading.current_thread():
-            thread.join()
+    _end_other_threads()
     with _lock:
         _closing = True
         left = temporaries_left()
@@ -79,6 +77,19 @@ def exit_if_temporaries_left() -> None:
         logger.info("exiting with a temporary output still open or not removed: "
                     "the next run looks for leftovers")
         raise SystemExit(TEMPORARIES_LEFT_EXIT)
+
+
+def _end_other_threads() -> None:
+    """What the interpreter does at exit, done now: threading's exit hooks (which
+    let a ThreadPoolExecutor's idle threads end after their queued work), then
+    a join of every non-daemon thread, those started meanwhile included.
+    Joining them by hand would wait for ever on an idle executor's threads.
+    ``threading._shutdown`` (Python 3.11-3.13) does nothing the second time,
+    when multiprocessing calls it as the process ends.
+    """
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _opened() -> None:

@@ -39,6 +39,7 @@ from multiprocessing.process import BaseProcess
 
 from mpipe import logsetup
 from mpipe.errors import PipelineBrokenError
+from mpipe.outputs import TEMPORARIES_LEFT_EXIT
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ def describe_exit(exitcode: int | None) -> str:
         return f"was killed by {name}"
     if exitcode == LIFELINE_EXIT:
         return "exited because it lost its lifeline to the runner"
+    if exitcode == TEMPORARIES_LEFT_EXIT:
+        return "exited leaving a temporary output behind (removed by the next run)"
     return f"exited with code {exitcode} (sys.exit or os._exit in the stage?)"
 
 

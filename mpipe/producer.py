@@ -29,7 +29,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from mpipe import imports, ledger, outputs, procs
+from mpipe import imports, ledger, procs
 from mpipe.context import PathEscapeError, StopFlag, resolve_inside
 from mpipe.messages import (
     EndOfStream,
@@ -113,7 +113,6 @@ def producer_main(
     if failed is not None:
         out.put(dumps(failed))
     out.put(dumps(EndOfStream("producer")))
-    outputs.exit_if_temporaries_left()
 
 
 class _Sender:

@@ -231,3 +231,17 @@ def keeps_writing_in_a_thread(value: dict[str, int], ctx: StageContext) -> Any:
 
         threading.Thread(target=write_for_ever, daemon=True).start()
     return notes.process_task(value, ctx)
+
+
+_pool: Any = None
+
+
+def uses_a_thread_pool(value: dict[str, int], ctx: StageContext) -> Any:
+    """The notes stage through a module-level ThreadPoolExecutor (its threads
+    are not daemons, and wait idle between items)."""
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(2)
+    return _pool.submit(notes.process_task, value, ctx).result()

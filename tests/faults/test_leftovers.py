@@ -108,6 +108,8 @@ def test_a_temporary_that_could_not_be_removed_is_said_and_counted(
 
     monkeypatch.setattr(outputs, "_unremoved", False)
     monkeypatch.setattr(outputs, "_closing", False)
+    # Not this process's (pytest's) threads: what a worker's exit would end.
+    monkeypatch.setattr(outputs, "_end_other_threads", lambda: None)
     monkeypatch.setattr(outputs.shutil, "rmtree", lambda *a, **k: None)
     assert not outputs.temporaries_left()
     with pytest.raises(RuntimeError), outputs.atomic_dir(tmp_path / "out", fsync=False):
@@ -182,9 +184,24 @@ def test_no_output_is_opened_once_the_process_has_decided_its_exit_code(
 
     monkeypatch.setattr(outputs, "_unremoved", False)
     monkeypatch.setattr(outputs, "_closing", False)
+    # Not this process's (pytest's) threads: what a worker's exit would end.
+    monkeypatch.setattr(outputs, "_end_other_threads", lambda: None)
     outputs.exit_if_temporaries_left()  # nothing open: returns, the exit code is 0
     with pytest.raises(RuntimeError, match="exiting"), \
             outputs.atomic_dir(tmp_path / "late", fsync=False):
         pass
     assert not list(tmp_path.iterdir())
     assert not outputs.temporaries_left()
+
+
+def test_a_stage_with_a_thread_pool_of_its_own_exits_at_once_and_clean(tmp_path: Path) -> None:
+    # Its idle executor threads end at the worker's exit, as at any exit;
+    # joining them by hand instead waited for ever (then SIGKILL, no mark).
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0,
+                       fn="tests.faults.stages:uses_a_thread_pool")
+    proc = mpipe("run", cfg, "--log-level", "INFO", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "SIGKILL" not in proc.stderr and "did not exit" not in proc.stderr, proc.stderr
+    assert (tmp_path / MARK).exists()
+    check_against_reference(tmp_path, 3, 0)
