@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,14 +81,23 @@ def exit_if_temporaries_left() -> None:
 
 
 def _end_other_threads() -> None:
-    """What the interpreter does at exit, done now: threading's exit hooks (which
-    let a ThreadPoolExecutor's idle threads end after their queued work), then
-    a join of every non-daemon thread, those started meanwhile included.
-    Joining them by hand would wait for ever on an idle executor's threads.
-    ``threading._shutdown`` (Python 3.11-3.13) does nothing the second time,
-    when multiprocessing calls it as the process ends.
+    """What a multiprocessing child does as it ends, done now and in the same order.
+
+    Before Python 3.13 multiprocessing's exit function comes first (its
+    finalizers, its daemonic children terminated, the others joined), then
+    threading's: the exit hooks (which let a ThreadPoolExecutor's idle threads
+    end after their queued work), then a join of every non-daemon thread, those
+    started meanwhile included; from 3.13 threading's comes first.  A stage's
+    thread that ends only through one of them (a join of a daemonic child, an
+    event a finalizer sets) ends here as it would at exit; joining the threads
+    by hand would wait for ever on an idle executor's.  Both functions do
+    nothing the second time, when the process ends.
     """
+    from multiprocessing import util
+
     shutdown = getattr(threading, "_shutdown", None)
+    if sys.version_info < (3, 13):
+        util._exit_function()  # type: ignore[attr-defined]
     if shutdown is not None:
         shutdown()
 
