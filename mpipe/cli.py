@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from mpipe.config import LoadedConfig
+    from mpipe.sealer import Sealer
 
 logger = logging.getLogger("mpipe")
 
@@ -561,7 +562,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
-         sealers: list[Any]) -> int:
+         sealers: list[Sealer]) -> int:
     from mpipe import imports, progress, report
     from mpipe.runner import Runner
 

@@ -133,6 +133,16 @@ def tmp_sibling(final: Path) -> Path:
     return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{_random_tag()}")
 
 
+def unlink_durably(path: Path, *, fsync: bool) -> None:
+    """Remove ``path`` if it exists; with ``fsync``, make the removal survive a crash."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    if fsync:
+        fsync_path(path.parent, directory=True)
+
+
 def fsync_path(path: Path, *, directory: bool = False) -> None:
     flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
     fd = os.open(path, flags)

@@ -278,25 +278,19 @@ class Runner:
         except (OSError, ValueError):  # no mark (or a torn one): walk
             walked_at = 0.0
         now = time.time()
-        try:
-            mark.unlink()
-        except FileNotFoundError:
-            pass
-        else:
-            if self.config.fsync:
-                # Gone for good before this run makes any temporary file.
-                outputs.fsync_path(mark.parent, directory=True)
+        # Gone for good before this run makes any temporary file.
+        outputs.unlink_durably(mark, fsync=self.config.fsync)
         if 0 <= now - walked_at < FULL_WALK_EVERY_S:
             found = outputs.remove_leftovers(mark.parent)
         else:
             found = outputs.remove_leftovers(self.paths.workdir)
             walked_at = now
-        left = [p for p in found if os.path.lexists(p)]
+        left = {p for p in found if os.path.lexists(p)}
         if left:
             # An NFS .nfs* entry of a file still open, a read-only directory:
             # not marked clean, so the next run tries again.
             logger.warning("could not remove %d leftover(s), e.g. %s: the next run tries again",
-                           len(left), left[0])
+                           len(left), min(left))
         self._walked_at = None if left else walked_at
         return [p for p in found if p not in left]
 

@@ -44,7 +44,7 @@ from mpipe import analysis
 from mpipe.config import LoadedConfig
 from mpipe.cores import usable_cores
 from mpipe.errors import ConfigError, OutputError, PipelineBrokenError
-from mpipe.outputs import fsync_path
+from mpipe.outputs import unlink_durably
 from mpipe.runlock import RunLock
 from mpipe.state import RunPaths
 
@@ -250,10 +250,7 @@ class Tuner:
             # Sample runs write what is not their own through the scratch's
             # links into this workdir, and one killed there may leave a
             # temporary: the next real run looks for it (Runner._remove_leftovers).
-            if self.paths.clean_exit.exists():
-                self.paths.clean_exit.unlink()
-                if self.loaded.config.fsync:
-                    fsync_path(self.paths.clean_exit.parent, directory=True)
+            unlink_durably(self.paths.clean_exit, fsync=self.loaded.config.fsync)
             shutil.rmtree(self.scratch, ignore_errors=True)
             mirror(self.paths.workdir, self.scratch, kept_out)
             chosen = dict(current)
