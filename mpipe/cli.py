@@ -503,6 +503,18 @@ def _count_skips(loaded: LoadedConfig, paths: Any) -> tuple[int, int]:
     return skip, redo
 
 
+def _freed_memory_plan(keep_mb: int) -> str:
+    from mpipe import allocator
+
+    if allocator.user_has_chosen():
+        return ("the C library's malloc settings from the environment (MALLOC_*_THRESHOLD_ "
+                "or GLIBC_TUNABLES); keep_freed_memory_mb is not applied")
+    if keep_mb == 0:
+        return "local stage workers use the C library's malloc settings (keep_freed_memory_mb: 0)"
+    return (f"local stage workers keep up to {keep_mb} MiB of freed memory for their next "
+            "items (keep_freed_memory_mb; glibc)")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from mpipe.state import RunPaths
 
@@ -527,6 +539,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"retries={s.retries} timeout_s={s.timeout_s}"
               + ("  (auto: the usable cores)" if s.workers == "auto" else ""))
     print(f"  cpu_slots {loaded.cpu_slot_count()} (shared by all stages)")
+    print(f"  memory    {_freed_memory_plan(cfg.keep_freed_memory_mb)}")
     print(f"  consumer  {cfg.consumer.fn if cfg.consumer else '(none)'}")
     print(f"  writer    {paths.results}  (queue {cfg.writer.queue_size}, fsync={cfg.fsync})")
     for line in _where_outputs_go(paths):

@@ -43,6 +43,9 @@ FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 # Ten days: longer than any item should take, shorter than epoll's limit (24.8 days).
 MAX_WAIT_S = 864_000.0
 
+# Freed memory a stage worker keeps for its next items (mpipe.allocator).
+DEFAULT_KEEP_FREED_MB = 256
+
 
 class Rule:
     """Constraints on one field, as ``pydantic.Field`` takes them (``ge=1``).
@@ -173,6 +176,9 @@ class PipelineConfig:
     writer: WriterConfig = field(default_factory=WriterConfig)
     # Workers computing at once (until the last wave); default: the cores.
     cpu_slots: Annotated[int | None, Rule(ge=1)] = None
+    # Freed memory each stage worker keeps for its next items (mpipe.allocator);
+    # 0: the C library's own settings.  mallopt takes a C int: at most 2047 MiB.
+    keep_freed_memory_mb: Annotated[int, Rule(ge=0, le=2047)] = DEFAULT_KEEP_FREED_MB
     fsync: bool = True
     shutdown_grace_s: Annotated[float, Rule(ge=0, le=MAX_WAIT_S)] = 30.0
     allowed_modules: list[str] = field(default_factory=lambda: ["mpipe.workloads"])

@@ -438,7 +438,8 @@ class Runner:
                      ) -> WorkerSpec:
                 return WorkerSpec(stage, worker_name, slot, fn, params, workdir, cfg.fsync,
                                   cfg.allow_outside_workdir, self.log_level, pipeline_dir,
-                                  last_stage=stage == last_stage)
+                                  last_stage=stage == last_stage,
+                                  keep_freed_memory_mb=cfg.keep_freed_memory_mb)
 
             pool: Pool
             if self.loaded.stage_backend(name) == "dask":

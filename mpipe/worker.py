@@ -30,7 +30,7 @@ from multiprocessing.synchronize import Semaphore
 from pathlib import Path
 from typing import Any, Protocol
 
-from mpipe import imports, outputs, procs
+from mpipe import allocator, imports, outputs, procs
 from mpipe.context import SlotFlags, StageContext, StopFlag
 from mpipe.errors import OutputError
 from mpipe.messages import (
@@ -68,6 +68,7 @@ class WorkerSpec:
     log_level: int
     pipeline_dir: str
     last_stage: bool = False  # its values go to results.h5: they must be numbers
+    keep_freed_memory_mb: int = 0  # mpipe.allocator; 0: the C library's settings
 
 
 def worker_main(
@@ -81,6 +82,8 @@ def worker_main(
     running: Any,
 ) -> None:
     procs.child_setup(spec.name, lifeline, spec.log_level)
+    # Before the stage's module is imported: what it allocates counts too.
+    allocator.keep_freed_memory(spec.keep_freed_memory_mb)
     fn = imports.import_checked(spec.fn, spec.pipeline_dir)
     with_ctx = imports.takes_context(fn, 1)
     ctx = StageContext(

@@ -58,10 +58,13 @@ def write(tmp_path: Path, text: str) -> Path:
          ["stages.compute.startup_timeout_s", "less than or equal to 864000", "line 9"]),
         (GOOD + "shutdown_grace_s: 3000000\n",
          ["shutdown_grace_s", "less than or equal to 864000"]),
+        # mallopt takes a C int: more would have been cut to another value.
+        (GOOD + "keep_freed_memory_mb: 4096\n",
+         ["keep_freed_memory_mb", "less than or equal to 2047", "line 10"]),
     ],
     ids=["syntax", "unknown-key", "wrong-type", "workers-0", "no-attr", "no-module",
          "not-allowed", "python-tag", "missing", "path-escape", "duplicate-key",
-         "timeout-too-long", "grace-too-long"],
+         "timeout-too-long", "grace-too-long", "keep-freed-too-much"],
 )
 def test_bad_config_exits_2_naming_key_and_line(
     tmp_path: Path, text: str, expected: list[str]
