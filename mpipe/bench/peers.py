@@ -12,6 +12,9 @@ Runners:
 
 * ``serial``: the plain loop in this process.  The harness's *floor* starts
   ``min(W, cores)`` of these at once, each over its share (``--share i/k``).
+  With ``--keep-freed-mb N`` it first makes glibc's malloc keep freed memory
+  as mpipe's stage workers do (:mod:`mpipe.allocator`): the floor with the
+  same settings, which the benchmark reports beside the plain one.
 * ``pool``: the notes' ``multiprocessing.Pool`` + ``apply_async``.
 * ``ppe``: ``concurrent.futures.ProcessPoolExecutor``.
 * ``joblib``: ``joblib.Parallel`` with its default (loky) backend.
@@ -88,7 +91,20 @@ def process_task(workdir: str, t: int, repeat: int, fsync: bool) -> Any:
     return result
 
 
+def keep_freed_memory(keep_mb: int) -> None:
+    """mpipe.allocator.keep_freed_memory's two mallopt calls, copied (see CHANNELS)."""
+    import ctypes
+
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    if not (mallopt(-3, min(32 << 20, keep_mb << 20)) == 1  # M_MMAP_THRESHOLD
+            and mallopt(-1, keep_mb << 20) == 1):  # M_TRIM_THRESHOLD
+        raise OSError("mallopt did not take the thresholds")
+
+
 def run_serial(tasks: list[int], a: argparse.Namespace) -> Any:
+    if a.keep_freed_mb:
+        keep_freed_memory(a.keep_freed_mb)
     total = np.zeros(CHANNELS)
     for t in tasks:
         total += process_task(a.workdir, t, a.repeat, a.fsync)
@@ -143,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--fsync", action="store_true")
     p.add_argument("--result", help="write the summed vector here (JSON)")
+    p.add_argument("--keep-freed-mb", type=int, default=0,
+                   help="serial only: keep this much freed memory, as mpipe's workers do")
     a = p.parse_args(argv)
     i, k = (int(v) for v in a.share.split("/"))
     tasks = [t for t in range(a.tasks) if t % k == i]

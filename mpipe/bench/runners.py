@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 PEERS_SCRIPT = Path(__file__).with_name("peers.py")
 PEER_LABELS = {
     "floor": "floor (independent processes)",
+    "floor-kept": "floor, freed memory kept as mpipe's workers do",
     "serial": "serial loop",
     "pool": "multiprocessing.Pool + apply_async",
     "ppe": "ProcessPoolExecutor",
@@ -163,17 +164,21 @@ def peer_runner(e: Env, name: str, job: Job) -> Runner:
     return run
 
 
-def floor_runner(e: Env, job: Job) -> Runner:
-    """min(W, cores) plain serial loops over disjoint shares, started together."""
+def floor_runner(e: Env, job: Job, *, keep_freed_mb: int = 0) -> Runner:
+    """min(W, cores) plain serial loops over disjoint shares, started together;
+    with ``keep_freed_mb``, each with glibc's malloc set as mpipe's workers set it."""
     k = max(1, min(job.workers, e.cores, job.tasks))
-    results = [e.bench.scratch / f"floor-{i}.json" for i in range(k)]
+    name = "floor-kept" if keep_freed_mb else "floor"
+    results = [e.bench.scratch / f"{name}-{i}.json" for i in range(k)]
+    extra = ["--keep-freed-mb", str(keep_freed_mb)] if keep_freed_mb else []
 
     def run() -> measure.Sample:
         for r in results:
             r.unlink(missing_ok=True)
-        cmds = [_peer_cmd(e, "serial", job, results[i], share=f"{i}/{k}") for i in range(k)]
+        cmds = [[*_peer_cmd(e, "serial", job, results[i], share=f"{i}/{k}"), *extra]
+                for i in range(k)]
         sample = measure.run_group(cmds, cores=e.cores, env=e.env,
-                                   logs=[e.log(f"floor{i}") for i in range(k)])
+                                   logs=[e.log(f"{name}{i}") for i in range(k)])
         sample.extra["total"] = _read_totals(results)
         sample.extra["processes"] = k
         return sample

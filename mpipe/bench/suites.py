@@ -26,6 +26,7 @@ import numpy as np
 from mpipe.bench import pairs, runners
 from mpipe.bench.measure import Sample
 from mpipe.bench.runners import Env, Job, Runner
+from mpipe.config import DEFAULT_KEEP_FREED_MB
 from mpipe.workloads import notes
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ def compute(e: Env, plan: Plan, progress: Progress) -> dict[str, Any]:
     for w in plan.workers:
         job = Job(t, r, w, fsync=False)
         others = [("floor", runners.floor_runner(e, job))]
+        if plan.extras:
+            others.append(("floor-kept", _floor_kept(e, job)))
         others += [(p, runners.peer_runner(e, p, job)) for p in plan.peers]
         rounds = _run(e, ("mpipe", runners.mpipe_runner(e, job)), others, plan.pairs,
                       progress, f"compute W={w}")
@@ -110,11 +113,19 @@ def io(e: Env, plan: Plan, progress: Progress) -> dict[str, Any]:
     e.bench.warm_inputs(job.tasks)
     others = [("floor", runners.floor_runner(e, job)),
               ("serial", runners.peer_runner(e, "serial", job))]
+    if plan.extras:
+        others.append(("floor-kept", _floor_kept(e, job)))
     others += [(p, runners.peer_runner(e, p, job)) for p in plan.peers]
     rounds = _run(e, ("mpipe", runners.mpipe_runner(e, job)), others, plan.pairs, progress,
                   "io")
     return {"tasks": job.tasks, "repeat": 0, "workers": job.workers, "fsync": False,
             "agree": _agree(rounds), **rounds.as_json()}
+
+
+def _floor_kept(e: Env, job: Job) -> Runner:
+    """The floor with glibc's malloc set as mpipe's stage workers set it by default
+    (mpipe.allocator): what part of mpipe's lead on the floor is those settings."""
+    return runners.floor_runner(e, job, keep_freed_mb=DEFAULT_KEEP_FREED_MB)
 
 
 def durable(e: Env, plan: Plan, progress: Progress) -> dict[str, Any]:
