@@ -3,24 +3,32 @@
 An item that allocates large arrays (numpy's are plain ``malloc``) and drops
 them when it returns gives that memory back to the system under glibc's
 defaults: the top of the heap is trimmed once more than a few MB is free there
-(the threshold follows the largest block freed so far), and blocks above
-128 KB may come from ``mmap`` and go back with ``munmap``.  The next item's
-arrays are then faulted in again, 4 KB at a time, each page zeroed by the
-kernel.  On the study notes' workload that was a third of a worker's CPU: 20
-tasks took 173,000 page faults and 0.83 s of system time in one process; 9,300
-and 0.45 s with the settings here (docs/BENCHMARKS.md, "Freed memory kept").
+(twice the largest block freed so far), and blocks above 128 KB (more, once
+larger ones were freed) come from ``mmap`` and go back with ``munmap``.  The
+next item's arrays are then faulted in again, a page at a time, each zeroed by
+the kernel.  On the study notes' workload that was a third of a worker's CPU:
+20 tasks took 173,000 page faults and 0.83 s of system time in one process;
+9,300 and 0.45 s with the settings here (docs/BENCHMARKS.md, "Freed memory
+kept").
 
 So each stage worker, as it starts, serves blocks up to 32 MiB (the most
-glibc's own moving threshold reaches on 64 bits) from its heap and keeps up to
-``keep_freed_memory_mb`` of freed memory there.  Between items a worker then
-stays at its peak instead of falling back; the peak itself does not change.
+glibc's own moving threshold reaches on 64 bits) from its heap, and glibc
+trims the heap's top only once more than ``keep_freed_memory_mb`` is free
+there (then it gives back nearly all of it, as before).  Between items a
+worker then stays at its peak instead of falling back; the peak itself does
+not change.  What else keeps the settings: a process the stage forks (a
+``multiprocessing.Pool``), and the arenas of the stage's own threads, whose
+heaps (64 MiB at most each) glibc then never trims at the top.
 
-Left as they are when the user has chosen (``MALLOC_TRIM_THRESHOLD_``,
-``MALLOC_MMAP_THRESHOLD_`` or malloc tunables in ``GLIBC_TUNABLES``, which the
-runner's C library read as it started and every child inherits), and on a C
-library without glibc's ``mallopt`` (musl's does nothing, macOS has none).
+A LocalCluster that mpipe starts gets the same settings through the
+environment its nanny gives each worker (:func:`nanny_environ`): glibc reads
+``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` as a process starts.
+
+Left as they are when the user has chosen (either variable, or the trim or
+mmap threshold tunable in ``GLIBC_TUNABLES``: the runner's C library read them
+as it started and every child inherits them), and without glibc's ``mallopt``
+(musl and macOS have none; a 32-bit glibc refuses 32 MiB).
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -34,6 +42,9 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX, 64-bit
+# A smaller keep would mmap blocks glibc's own settings keep on the heap: keep
+# is 0 (those settings) or at least this (mpipe.config checks).
+KEEP_MB_MIN = MMAP_THRESHOLD_MAX >> 20
 
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 USER_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold")
@@ -49,8 +60,8 @@ def keep_freed_memory(keep_mb: int) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # mallopt answers 1 when it took the value, 0 when not (musl: never).
-    applied = bool(mallopt(M_MMAP_THRESHOLD, min(MMAP_THRESHOLD_MAX, keep_mb << 20)) == 1
+    # mallopt answers 1 when it took the value, 0 when not.
+    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
                    and mallopt(M_TRIM_THRESHOLD, keep_mb << 20) == 1)
     if not applied:
         logger.debug("this C library's malloc does not take mallopt's thresholds")
@@ -61,3 +72,29 @@ def user_has_chosen() -> bool:
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     return (any(var in os.environ for var in USER_SETTINGS)
             or any(name in tunables for name in USER_TUNABLES))
+
+
+def environment(keep_mb: int) -> dict[str, str]:
+    """The settings of :func:`keep_freed_memory` as glibc's variables, for a fresh process."""
+    return {"MALLOC_TRIM_THRESHOLD_": str(keep_mb << 20),
+            "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_MAX)}
+
+
+def nanny_environ(keep_mb: int) -> dict[str, str | None]:
+    """What a Dask nanny we start puts in its workers' environment (None: unset).
+
+    Never the nanny's own ``MALLOC_TRIM_THRESHOLD_=65536``: set alone it pins
+    glibc's mmap threshold at 128 KB, and every large array is mmapped and
+    faulted in afresh (docs/DISTRIBUTED.md, "The MALLOC_TRIM pitfall").
+    """
+    if user_has_chosen():
+        return {var: os.environ.get(var) for var in USER_SETTINGS}  # theirs, as exported
+    if keep_mb <= 0:
+        return dict.fromkeys(USER_SETTINGS)  # glibc's own settings
+    return {**environment(keep_mb)}
+
+
+def pins_mmap_threshold_low(environ: dict[str, str]) -> bool:
+    """Whether these variables make glibc mmap every block above 128 KB afresh:
+    a trim threshold set without an mmap threshold (the Dask nanny's default)."""
+    return "MALLOC_TRIM_THRESHOLD_" in environ and "MALLOC_MMAP_THRESHOLD_" not in environ

@@ -507,12 +507,13 @@ def _freed_memory_plan(keep_mb: int) -> str:
     from mpipe import allocator
 
     if allocator.user_has_chosen():
-        return ("the C library's malloc settings from the environment (MALLOC_*_THRESHOLD_ "
+        return ("the C library's malloc thresholds from the environment (MALLOC_*_THRESHOLD_ "
                 "or GLIBC_TUNABLES); keep_freed_memory_mb is not applied")
     if keep_mb == 0:
-        return "local stage workers use the C library's malloc settings (keep_freed_memory_mb: 0)"
-    return (f"local stage workers keep up to {keep_mb} MiB of freed memory for their next "
-            "items (keep_freed_memory_mb; glibc)")
+        return "stage workers use the C library's malloc settings (keep_freed_memory_mb: 0)"
+    return (f"stage workers keep freed memory for their next items until {keep_mb} MiB is "
+            "free (keep_freed_memory_mb; glibc's malloc only; on Dask, a LocalCluster mpipe "
+            "starts)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

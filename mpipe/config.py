@@ -88,6 +88,14 @@ def _workers_positive(v: int | str) -> int | str:
     return v
 
 
+def _keep_zero_or_enough(v: int) -> int:
+    # Below 32 MiB (mpipe.allocator.KEEP_MB_MIN, not imported: it loads
+    # ctypes), blocks glibc's own settings keep on the heap would be mmapped.
+    if 0 < v < 32:
+        raise ValueError(f"must be 0 (glibc's own settings) or 32 to 2047 (got {v})")
+    return v
+
+
 def _stage_names(v: dict[str, StageConfig]) -> dict[str, StageConfig]:
     for name in v:
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -178,7 +186,8 @@ class PipelineConfig:
     cpu_slots: Annotated[int | None, Rule(ge=1)] = None
     # Freed memory each stage worker keeps for its next items (mpipe.allocator);
     # 0: the C library's own settings.  mallopt takes a C int: at most 2047 MiB.
-    keep_freed_memory_mb: Annotated[int, Rule(ge=0, le=2047)] = DEFAULT_KEEP_FREED_MB
+    keep_freed_memory_mb: Annotated[int, Rule(ge=0, le=2047),
+                                    Check(_keep_zero_or_enough)] = DEFAULT_KEEP_FREED_MB
     fsync: bool = True
     shutdown_grace_s: Annotated[float, Rule(ge=0, le=MAX_WAIT_S)] = 30.0
     allowed_modules: list[str] = field(default_factory=lambda: ["mpipe.workloads"])

@@ -61,7 +61,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpipe import imports, procs
+from mpipe import allocator, imports, procs
 from mpipe.context import WorkdirPaths
 from mpipe.errors import ConfigError, MpipeError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, WorkItem
@@ -99,11 +99,9 @@ RESULT_TIMEOUT_S = 120.0
 
 # Set while *we* start a LocalCluster (never on a cluster of yours).
 LOCAL_CLUSTER_CONFIG: dict[str, Any] = {
-    # The nanny's default MALLOC_TRIM_THRESHOLD_=65536 turns off glibc's
-    # dynamic mmap threshold: every large temporary array is mmapped and
-    # page-faulted afresh, ~40% slower on the notes workload (PITFALLS.md).
-    # None removes the variable (distributed.nanny._get_env_variables).
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    # (And the workers' malloc settings, mpipe.allocator.nanny_environ, added
+    # by connect: the nanny's default MALLOC_TRIM_THRESHOLD_=65536 made the
+    # notes workload ~40% slower, PITFALLS.md.)
     # A worker death fails the task at once with KilledWorker, so that
     # mpipe's own `retries` decide, as on the local backend.
     "distributed.scheduler.allowed-failures": 0,
@@ -160,8 +158,9 @@ class DaskSession:
                 logger.warning("closing the Dask %s failed: %r", name, exc)
 
 
-def connect(cfg: DaskConfig) -> DaskSession:
-    """Connect to ``cfg.address``, or start a LocalCluster of ``cfg.local_workers``."""
+def connect(cfg: DaskConfig, keep_freed_memory_mb: int = 0) -> DaskSession:
+    """Connect to ``cfg.address``, or start a LocalCluster of ``cfg.local_workers``
+    whose workers keep freed memory as local stage workers do (:mod:`mpipe.allocator`)."""
     _quiet_dask_logging()
     if cfg.address is not None:
         try:
@@ -187,7 +186,10 @@ def connect(cfg: DaskConfig) -> DaskSession:
         return session
     assert cfg.local_workers is not None  # config validation: exactly one of the two
     try:
-        with dask.config.set(LOCAL_CLUSTER_CONFIG):
+        # None removes a variable (distributed.nanny._get_env_variables).
+        malloc = {f"distributed.nanny.pre-spawn-environ.{var}": value
+                  for var, value in allocator.nanny_environ(keep_freed_memory_mb).items()}
+        with dask.config.set({**LOCAL_CLUSTER_CONFIG, **malloc}):
             cluster = _dd.LocalCluster(
                 n_workers=cfg.local_workers, threads_per_worker=cfg.threads_per_worker,
                 processes=True, host="127.0.0.1", silence_logs=_dask_log_level(),
@@ -252,21 +254,23 @@ def _scheduler_allowed_failures(dask_scheduler: Any) -> int:
     return int(dask_scheduler.allowed_failures)
 
 
-def _malloc_trim_setting() -> str | None:
-    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+def _malloc_settings() -> dict[str, str]:
+    return {var: os.environ[var] for var in allocator.USER_SETTINGS if var in os.environ}
 
 
 def _warn_about_cluster_settings(session: DaskSession) -> None:
     try:
-        trims = session.client.run(_malloc_trim_setting)
+        settings = session.client.run(_malloc_settings)
     except Exception:
-        trims = {}
-    slow = sorted(addr for addr, value in trims.items() if value is not None)
+        settings = {}
+    slow = sorted(addr for addr, environ in settings.items()
+                  if allocator.pins_mmap_threshold_low(environ))
     if slow:
         logger.warning(
-            "Dask worker(s) %s run with MALLOC_TRIM_THRESHOLD_ set (the nanny's default): "
-            "large numpy temporaries are then mmapped afresh each time, ~40%% slower; "
-            "see docs/DISTRIBUTED.md to unset it", ", ".join(slow))
+            "Dask worker(s) %s run with MALLOC_TRIM_THRESHOLD_ set and no "
+            "MALLOC_MMAP_THRESHOLD_ (the nanny's default): large numpy temporaries are "
+            "then mmapped afresh each time, ~40%% slower; see docs/DISTRIBUTED.md to set "
+            "both", ", ".join(slow))
     if session.allowed_failures:
         logger.warning(
             "the scheduler at %s retries a task whose worker died up to %d time(s) itself "

@@ -495,7 +495,8 @@ class Runner:
         from mpipe import dask_backend
 
         starter = ThreadPoolExecutor(1, thread_name_prefix="dask-connect")
-        self._dask_connecting = starter.submit(dask_backend.connect, backend.dask)
+        self._dask_connecting = starter.submit(dask_backend.connect, backend.dask,
+                                               self.config.keep_freed_memory_mb)
         starter.shutdown(wait=False)
 
     def _dask_pool(self, name: str, spec: WorkerSpec) -> Pool:
@@ -506,7 +507,8 @@ class Runner:
         assert not isinstance(backend, str)
         if self._dask is None:
             self._dask = (self._dask_connecting.result() if self._dask_connecting is not None
-                          else dask_backend.connect(backend.dask))
+                          else dask_backend.connect(backend.dask,
+                                                    self.config.keep_freed_memory_mb))
             self._dask_connecting = None
         workers = self.loaded.config.stages[name].workers
         return dask_backend.DaskStagePool(

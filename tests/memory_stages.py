@@ -7,19 +7,21 @@ from typing import Any
 
 import numpy as np
 
-ARRAYS = 26
-SAMPLES = 327_680  # 1.25 MiB of float32 each, as the notes' inputs
-PAGES_PER_ITEM = ARRAYS * SAMPLES * 4 // 4096
+SAMPLES = 327_680  # 1.25 MiB of float32, as the notes' inputs
+
+
+def pages(arrays: int) -> int:
+    return arrays * SAMPLES * 4 // resource.getpagesize()
 
 
 def numbers(ctx: Any) -> range:
     return range(int(ctx.params["n"]))
 
 
-def churn(value: int) -> float:
-    """The minor page faults it took to fill 26 fresh arrays (all freed on return)."""
+def churn(value: int, ctx: Any) -> float:
+    """The minor page faults it took to fill ``arrays`` fresh arrays (all freed on return)."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    arrays = [np.full(SAMPLES, value, dtype=np.float32) for _ in range(ARRAYS)]
+    arrays = [np.full(SAMPLES, value, dtype=np.float32) for _ in range(ctx.params["arrays"])]
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert all(a[-1] == value for a in arrays)
     return float(faults)

@@ -61,10 +61,14 @@ def write(tmp_path: Path, text: str) -> Path:
         # mallopt takes a C int: more would have been cut to another value.
         (GOOD + "keep_freed_memory_mb: 4096\n",
          ["keep_freed_memory_mb", "less than or equal to 2047", "line 10"]),
+        # Below 32 MiB, blocks glibc keeps on its heap would be mmapped afresh.
+        (GOOD + "keep_freed_memory_mb: 8\n",
+         ["keep_freed_memory_mb", "must be 0 (glibc's own settings) or 32 to 2047 (got 8)",
+          "line 10"]),
     ],
     ids=["syntax", "unknown-key", "wrong-type", "workers-0", "no-attr", "no-module",
          "not-allowed", "python-tag", "missing", "path-escape", "duplicate-key",
-         "timeout-too-long", "grace-too-long", "keep-freed-too-much"],
+         "timeout-too-long", "grace-too-long", "keep-freed-too-much", "keep-freed-too-little"],
 )
 def test_bad_config_exits_2_naming_key_and_line(
     tmp_path: Path, text: str, expected: list[str]

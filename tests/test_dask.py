@@ -235,8 +235,12 @@ def test_resume_after_sigkill_of_the_runner(tmp_path: Path) -> None:
         assert run.poll() is None, "the run finished before it could be killed"
         workers = dask_workers_of(run.pid)
         assert len(workers) == 2, workers
-        # Started without the nanny's default (docs/DISTRIBUTED.md, "MALLOC_TRIM").
-        assert not any("MALLOC_TRIM_THRESHOLD_" in w.environ() for w in workers)
+        # With mpipe's malloc settings, not the nanny's default (docs/DISTRIBUTED.md,
+        # "The MALLOC_TRIM pitfall"; mpipe.allocator).
+        for w in workers:
+            environ = w.environ()
+            assert environ.get("MALLOC_TRIM_THRESHOLD_") == str(256 << 20), environ
+            assert environ.get("MALLOC_MMAP_THRESHOLD_") == str(32 << 20), environ
         os.kill(run.pid, signal.SIGKILL)
         run.communicate(timeout=10)
     finally:

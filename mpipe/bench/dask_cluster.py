@@ -28,8 +28,8 @@ class LongLivedCluster:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.address = f"tcp://127.0.0.1:{port}"
-        # As docs/DISTRIBUTED.md recommends: no MALLOC_TRIM_THRESHOLD_ in the
-        # workers, mpipe's retries decide, one task per thread.
+        # As docs/DISTRIBUTED.md recommends: the malloc settings of mpipe's own
+        # workers (mpipe.allocator), mpipe's retries decide, one task per thread.
         conf = scratch / "dask-config"
         # Fresh directories each time: the previous make bench left its own.
         shutil.rmtree(conf, ignore_errors=True)
@@ -38,7 +38,8 @@ class LongLivedCluster:
             distributed:
               nanny:
                 pre-spawn-environ:
-                  MALLOC_TRIM_THRESHOLD_: null
+                  MALLOC_TRIM_THRESHOLD_: 268435456
+                  MALLOC_MMAP_THRESHOLD_: 33554432
               scheduler:
                 allowed-failures: 0
                 worker-saturation: 1.0

@@ -97,7 +97,7 @@ def keep_freed_memory(keep_mb: int) -> None:
 
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    if not (mallopt(-3, min(32 << 20, keep_mb << 20)) == 1  # M_MMAP_THRESHOLD
+    if not (mallopt(-3, 32 << 20) == 1  # M_MMAP_THRESHOLD
             and mallopt(-1, keep_mb << 20) == 1):  # M_TRIM_THRESHOLD
         raise OSError("mallopt did not take the thresholds")
 
