@@ -42,12 +42,11 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX, 64-bit
-# A smaller keep would mmap blocks glibc's own settings keep on the heap: keep
-# is 0 (those settings) or at least this (mpipe.config checks).
-KEEP_MB_MIN = MMAP_THRESHOLD_MAX >> 20
 
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 USER_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold")
+# What else a process may start with that stops glibc's moving thresholds.
+START_SETTINGS = (*USER_SETTINGS, "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
 def keep_freed_memory(keep_mb: int) -> bool:
@@ -95,6 +94,13 @@ def nanny_environ(keep_mb: int) -> dict[str, str | None]:
 
 
 def pins_mmap_threshold_low(environ: dict[str, str]) -> bool:
-    """Whether these variables make glibc mmap every block above 128 KB afresh:
-    a trim threshold set without an mmap threshold (the Dask nanny's default)."""
-    return "MALLOC_TRIM_THRESHOLD_" in environ and "MALLOC_MMAP_THRESHOLD_" not in environ
+    """Whether a process started with these variables mmaps every block above 128 KB
+    afresh: a trim threshold or top pad set (each stops glibc's moving thresholds),
+    by variable or tunable, without an mmap threshold (the Dask nanny's default)."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    stops = (any(var in environ for var in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"))
+             or any(name in tunables for name in ("glibc.malloc.trim_threshold",
+                                                   "glibc.malloc.top_pad")))
+    mmap_set = ("MALLOC_MMAP_THRESHOLD_" in environ
+                or "glibc.malloc.mmap_threshold" in tunables)
+    return stops and not mmap_set

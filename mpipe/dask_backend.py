@@ -189,7 +189,11 @@ def connect(cfg: DaskConfig, keep_freed_memory_mb: int = 0) -> DaskSession:
         # None removes a variable (distributed.nanny._get_env_variables).
         malloc = {f"distributed.nanny.pre-spawn-environ.{var}": value
                   for var, value in allocator.nanny_environ(keep_freed_memory_mb).items()}
-        with dask.config.set({**LOCAL_CLUSTER_CONFIG, **malloc}):
+        # The nanny also writes its pre-spawn environment into this process's
+        # own (distributed.nanny): put the malloc variables back as they were,
+        # or a later run in this process would take them for the user's.
+        before = {var: os.environ.get(var) for var in allocator.USER_SETTINGS}
+        with dask.config.set({**LOCAL_CLUSTER_CONFIG, **malloc}), _restored(before):
             cluster = _dd.LocalCluster(
                 n_workers=cfg.local_workers, threads_per_worker=cfg.threads_per_worker,
                 processes=True, host="127.0.0.1", silence_logs=_dask_log_level(),
@@ -209,6 +213,19 @@ def connect(cfg: DaskConfig, keep_freed_memory_mb: int = 0) -> DaskSession:
     logger.info("started a Dask LocalCluster of %d workers at %s", cfg.local_workers,
                 cluster.scheduler_address)
     return DaskSession(client, cluster, cluster.scheduler_address)
+
+
+@contextmanager
+def _restored(environ: dict[str, str | None]) -> Iterator[None]:
+    """Put these variables back as given (None: unset) when the block ends."""
+    try:
+        yield
+    finally:
+        for var, value in environ.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def dask_setup(worker: Any) -> None:
@@ -255,7 +272,11 @@ def _scheduler_allowed_failures(dask_scheduler: Any) -> int:
 
 
 def _malloc_settings() -> dict[str, str]:
-    return {var: os.environ[var] for var in allocator.USER_SETTINGS if var in os.environ}
+    """The malloc variables this process started with: what glibc read (os.environ
+    may hold more, set since by Dask's ``distributed.nanny.environ``)."""
+    with open("/proc/self/environ", "rb") as f:
+        entries = [e.decode(errors="replace").partition("=") for e in f.read().split(b"\0")]
+    return {k: v for k, _, v in entries if k in allocator.START_SETTINGS}
 
 
 def _warn_about_cluster_settings(session: DaskSession) -> None:
@@ -267,10 +288,10 @@ def _warn_about_cluster_settings(session: DaskSession) -> None:
                   if allocator.pins_mmap_threshold_low(environ))
     if slow:
         logger.warning(
-            "Dask worker(s) %s run with MALLOC_TRIM_THRESHOLD_ set and no "
-            "MALLOC_MMAP_THRESHOLD_ (the nanny's default): large numpy temporaries are "
-            "then mmapped afresh each time, ~40%% slower; see docs/DISTRIBUTED.md to set "
-            "both", ", ".join(slow))
+            "Dask worker(s) %s started with a malloc trim threshold (or top pad) and no "
+            "mmap threshold (the nanny's default MALLOC_TRIM_THRESHOLD_=65536): large "
+            "numpy temporaries are then mmapped afresh each time, ~40%% slower; see "
+            "docs/DISTRIBUTED.md to set both", ", ".join(slow))
     if session.allowed_failures:
         logger.warning(
             "the scheduler at %s retries a task whose worker died up to %d time(s) itself "

@@ -24,6 +24,19 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
                                 reason="mallopt's thresholds are glibc's")
 
 
+def _huge_pages_always() -> bool:
+    try:
+        return "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+# With transparent huge pages always on, the heap is faulted in 2 MiB at a time
+# under glibc's own settings too: the tests that count faults "again" cannot tell.
+faults_again = pytest.mark.skipif(_huge_pages_always(),
+                                  reason="transparent huge pages: always")
+
+
 @pytest.fixture(autouse=True)
 def _no_malloc_settings_of_ours(monkeypatch: pytest.MonkeyPatch) -> None:
     # The settings of whoever runs the tests would win over the config's.
@@ -66,18 +79,22 @@ def test_a_worker_reuses_what_its_items_freed(tmp_path: Path) -> None:
     assert "until 256 MiB is free" in _plan(tmp_path)
 
 
+@faults_again
 def test_zero_leaves_the_c_library_settings_and_every_item_faults_again(tmp_path: Path) -> None:
     faults = _faults_per_item(tmp_path, 0)
     assert faults > pages(26) / 2, (faults, pages(26))
     assert "the C library's malloc settings (keep_freed_memory_mb: 0)" in _plan(tmp_path)
 
 
-def test_less_than_the_arrays_an_item_frees_is_returned_as_before(tmp_path: Path) -> None:
-    # 40 x 1.25 MiB freed at once: more than 32 MiB at the top, so glibc trims.
-    faults = _faults_per_item(tmp_path, 32, arrays=40)
-    assert faults > pages(40) / 2, (faults, pages(40))
+@faults_again
+def test_less_than_the_arrays_an_item_frees_is_mostly_returned(tmp_path: Path) -> None:
+    # 80 x 1.25 MiB freed at once: glibc trims whenever 32 MiB is free at the top,
+    # so at most about 32 MiB of the 100 stays.
+    faults = _faults_per_item(tmp_path, 32, arrays=80)
+    assert faults > pages(80) / 2, (faults, pages(80))
 
 
+@faults_again
 @pytest.mark.parametrize("env", [
     {"MALLOC_MMAP_THRESHOLD_": "131072"},  # glibc's first mmap threshold, pinned
     {"MALLOC_TRIM_THRESHOLD_": "65536"},  # the Dask nanny's: pins the mmap threshold too
@@ -112,5 +129,10 @@ def test_a_dask_nanny_we_start_gives_its_workers_the_same_settings(
 
 def test_the_nanny_default_is_told_apart_from_settings_that_keep_memory() -> None:
     assert allocator.pins_mmap_threshold_low({"MALLOC_TRIM_THRESHOLD_": "65536"})
+    assert allocator.pins_mmap_threshold_low({"MALLOC_TOP_PAD_": "131072"})
+    assert allocator.pins_mmap_threshold_low(
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=65536"})
     assert not allocator.pins_mmap_threshold_low(allocator.environment(256))
+    assert not allocator.pins_mmap_threshold_low(
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=65536:glibc.malloc.mmap_threshold=1"})
     assert not allocator.pins_mmap_threshold_low({})

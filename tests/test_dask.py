@@ -223,7 +223,37 @@ def test_killed_worker_is_reported_with_the_item(tmp_path: Path) -> None:
     check_against_reference(tmp_path, 3, 0, expect_tasks=[0, 2])
 
 
-def test_resume_after_sigkill_of_the_runner(tmp_path: Path) -> None:
+def test_starting_a_local_cluster_leaves_the_runners_malloc_variables_as_they_were(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dask's nanny writes its workers' pre-spawn environment into its own
+    # process's: a later run in the same process took them for the user's.
+    for var in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(var, raising=False)
+    script = textwrap.dedent("""\
+        import json, os
+        from mpipe import dask_backend
+        from mpipe.config import DaskConfig
+        session = dask_backend.connect(DaskConfig(local_workers=1), 256)
+        try:
+            [workers] = session.client.run(dask_backend._malloc_settings).values()
+            here = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+            print(json.dumps({"here": here, "workers": workers}))
+        finally:
+            session.close()
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=90, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert seen["here"] == {}, seen
+    assert seen["workers"] == {"MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+                               "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}, seen
+
+
+def test_resume_after_sigkill_of_the_runner(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(var, raising=False)  # the tester's own would win
     make_inputs(tmp_path, 6)
     cfg = notes_config(tmp_path, tasks=6, repeat=0, workers=2, fn="tests.faults.stages:sleepy",
                        extra=LOCAL_CLUSTER)
@@ -315,6 +345,8 @@ def test_external_cluster_gives_the_serial_results(tmp_path: Path,
     proc = mpipe("run", cfg, timeout=80)
     assert proc.returncode == 0, proc.stderr
     check_against_reference(tmp_path, 3, 1)
+    # The fixture's workers keep the nanny's MALLOC_TRIM_THRESHOLD_=65536 alone.
+    assert "started with a malloc trim threshold (or top pad) and no mmap" in proc.stderr
     assert report(tmp_path)["stages"]["compute"]["workers"] == 2
     rows = report(tmp_path)["stages"]["compute"]["per_worker"]
     assert sum(r["items"] for r in rows.values()) == 3
