@@ -204,3 +204,8 @@ def test_processes_names_each_process_of_a_run_and_its_cpu(tmp_path: Path) -> No
     assert {"mpipe-forksrv", "mpipe-tracker", "mpipe-writer", "mpipe-producer",
             "mpipe-consumer", "mpipe-compute-1", "mpipe-compute-2"} <= names, lines
     assert lines[-1].endswith("exit 0") and " processes, CPU " in lines[-1]
+    # Peak RSS: a worker has numpy loaded (tens of MiB); the tree holds more than it.
+    worker_peak = max(float(line.split()[-1]) for line in lines[1:-1]
+                      if line.startswith("mpipe-compute-"))
+    tree_peak = float(lines[-1].split("tree peak RSS ")[1].split()[0])
+    assert 20 <= worker_peak < tree_peak, lines

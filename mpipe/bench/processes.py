@@ -1,12 +1,14 @@
-"""``python -m mpipe.bench.processes -- COMMAND...``: the CPU of each process of one run.
+"""``python -m mpipe.bench.processes -- COMMAND...``: the CPU and memory of each process of one run.
 
 Runs the command and reads ``/proc`` every few milliseconds for it and every
 descendant: CPU time (user, system), minor page faults, context switches
-(waits: the process blocked; preempted: another took its core), and the name each
+(waits: the process blocked; preempted: another took its core), its peak RSS
+(``VmHWM``), and the name each
 process gives itself (``mpipe-forksrv``, ``mpipe-compute-1``, ... : see
 :func:`mpipe.procs.set_process_name`).  A total for the whole tree needs no
 such tool (``make bench`` reports one); this says *which* process spent it,
-e.g. whether an IO-bound run's extra CPU is in its workers or beside them.
+e.g. whether an IO-bound run's extra CPU is in its workers or beside them.  The
+last line also gives the tree's peak RSS: the largest sum over one sample.
 
     .venv/bin/python -m mpipe.bench.processes -- \
         .venv/bin/mpipe run bench-results/configs/notes-T40-R0-W2-nofsync.yaml --fresh --quiet
@@ -42,11 +44,13 @@ class Seen:
     minor_faults: int = 0
     waits: int = 0  # voluntary context switches: blocked (IO, a pipe, a lock)
     preempted: int = 0  # involuntary ones: another process took the core
+    peak_rss_kib: int = 0  # VmHWM
+    rss_kib: int = 0  # VmRSS at the last sample
 
 
-def _read(pid: int) -> tuple[int, int, int, int, int, str, int, int] | None:
+def _read(pid: int) -> tuple[int, int, int, int, int, str, int, int, int, int] | None:
     """parent, minor faults, user ticks, system ticks, start ticks, name, voluntary and
-    involuntary context switches; None if gone."""
+    involuntary context switches, peak and current RSS (KiB); None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
@@ -58,7 +62,12 @@ def _read(pid: int) -> tuple[int, int, int, int, int, str, int, int] | None:
     # After the name: state, ppid, ..., minflt (8th), ..., utime, stime, ..., starttime.
     return (int(fields[1]), int(fields[7]), int(fields[11]), int(fields[12]), int(fields[19]),
             status["Name"].strip(), int(status["voluntary_ctxt_switches"]),
-            int(status["nonvoluntary_ctxt_switches"]))
+            int(status["nonvoluntary_ctxt_switches"]), _kib(status.get("VmHWM")),
+            _kib(status.get("VmRSS")))
+
+
+def _kib(field: str | None) -> int:
+    return int(field.split()[0]) if field else 0  # "  1234 kB"; absent for a zombie
 
 
 def _children(pid: int) -> list[int]:
@@ -72,21 +81,26 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def sample_tree(root: int, seen: dict[int, Seen]) -> None:
+def sample_tree(root: int, seen: dict[int, Seen]) -> int:
+    """Update ``seen`` from /proc; return the RSS (KiB) of the tree at this sample."""
+    tree_rss = 0
     todo = [root]
     while todo:
         pid = todo.pop()
         read = _read(pid)
         if read is None:
             continue
-        parent, faults, user, system, started, name, waits, preempted = read
+        parent, faults, user, system, started, name, waits, preempted, peak, rss = read
         entry = seen.get(pid)
         if entry is None or entry.started != started:  # a reused pid is another process
             entry = seen[pid] = Seen(pid, parent, started)
         entry.name, entry.minor_faults = name, faults
         entry.waits, entry.preempted = waits, preempted
         entry.user_s, entry.system_s = user / TICKS, system / TICKS
+        entry.peak_rss_kib, entry.rss_kib = max(entry.peak_rss_kib, peak), rss
+        tree_rss += rss
         todo += _children(pid)
+    return tree_rss
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     seen: dict[int, Seen] = {}
     started = time.perf_counter()
     proc = subprocess.Popen(command)
+    tree_peak_kib = 0
     while proc.poll() is None:
-        sample_tree(proc.pid, seen)
+        tree_peak_kib = max(tree_peak_kib, sample_tree(proc.pid, seen))
         time.sleep(opts.interval)
     wall = time.perf_counter() - started
     while True:  # reap what was re-parented to us
@@ -113,14 +128,15 @@ def main(argv: list[str] | None = None) -> int:
             break
     total = 0.0
     print(f"{'process':<16} {'pid':>7} {'parent':>7} {'CPU s':>6} {'user':>6} {'system':>6} "
-          f"{'minor faults':>12} {'waits':>7} {'preempted':>9}")
+          f"{'minor faults':>12} {'waits':>7} {'preempted':>9} {'peak MiB':>8}")
     for entry in sorted(seen.values(), key=lambda e: (e.started, e.pid)):
         cpu = entry.user_s + entry.system_s
         total += cpu
         print(f"{entry.name:<16} {entry.pid:>7} {entry.parent:>7} {cpu:6.2f} "
               f"{entry.user_s:6.2f} {entry.system_s:6.2f} {entry.minor_faults:>12} "
-              f"{entry.waits:>7} {entry.preempted:>9}")
-    print(f"{len(seen)} processes, CPU {total:.2f} s, wall {wall:.2f} s, exit {proc.returncode}")
+              f"{entry.waits:>7} {entry.preempted:>9} {entry.peak_rss_kib / 1024:8.0f}")
+    print(f"{len(seen)} processes, CPU {total:.2f} s, wall {wall:.2f} s, tree peak RSS "
+          f"{tree_peak_kib / 1024:.0f} MiB, exit {proc.returncode}")
     return proc.returncode
 
 
