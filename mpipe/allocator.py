@@ -7,8 +7,8 @@ defaults: the top of the heap is trimmed once more than a few MB is free there
 larger ones were freed) come from ``mmap`` and go back with ``munmap``.  The
 next item's arrays are then faulted in again, a page at a time, each zeroed by
 the kernel.  On the study notes' workload that was a third of a worker's CPU:
-20 tasks took 173,000 page faults and 0.83 s of system time in one process;
-9,300 and 0.45 s with the settings here (docs/BENCHMARKS.md, "Freed memory
+20 tasks took 173,000 page faults and 0.76-0.80 s of system time in one
+process; 9,300 and 0.31-0.43 s with the settings here (docs/BENCHMARKS.md, "Freed memory
 kept").
 
 So each stage worker, as it starts, serves blocks up to 32 MiB (the most
