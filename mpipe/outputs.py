@@ -169,7 +169,8 @@ def atomic_dir(final: Path, *, fsync: bool) -> Iterator[Path]:
     except BaseException:
         _settled()
         raise
-    old: list[Path] = []  # what _replace_dir moved aside, if anything
+    # Where _replace_dir moves an existing ``final`` aside (if there is one).
+    old = final.with_name(f"{final.name}{OLD_MARK}{_random_tag()}")
     try:
         yield tmp
         if fsync:
@@ -190,7 +191,7 @@ def atomic_dir(final: Path, *, fsync: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        _settled(tmp, *old)
+        _settled(tmp, old)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -215,17 +216,17 @@ def _nearly_full(path: Path) -> bool:
     return st.f_bavail * st.f_frsize < 1 << 20
 
 
-def _replace_dir(tmp: Path, final: Path, old: list[Path]) -> None:
+def _replace_dir(tmp: Path, final: Path, old: Path) -> None:
     # rename(2) cannot replace a non-empty directory, so an existing one is
-    # first moved aside (its name appended to ``old``).  A crash between the
-    # two renames leaves no final directory at all, never a mixed one; the
-    # item is then not committed and the next run redoes it.
-    if final.exists():
-        old.append(final.with_name(f"{final.name}{OLD_MARK}{_random_tag()}"))
-        os.rename(final, old[0])
+    # first moved aside to ``old``.  A crash between the two renames leaves no
+    # final directory at all, never a mixed one; the item is then not
+    # committed and the next run redoes it.
+    moved = final.exists()
+    if moved:
+        os.rename(final, old)
     os.rename(tmp, final)
-    if old:
-        shutil.rmtree(old[0], ignore_errors=True)
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_leftovers(root: Path) -> list[Path]:
