@@ -79,27 +79,63 @@ def test_bench_quick_writes_results_and_plot(tmp_path: Path) -> None:
     assert [_positive(t["measured"]) for t in dask_targets] == [True, True]
 
 
-def test_more_workers_than_cores_is_read_against_the_floor() -> None:
+def test_more_workers_than_cores_is_read_against_mpipe_at_the_cores() -> None:
     # The W=10 column ran minutes after the W=2 one and everything slowed by
-    # 20%: the floor (the same 2 processes in both columns) shows it, and the
-    # target divides it out; the plain ratio of medians is only reported.
+    # 20%.  The target is mpipe at W=10 against mpipe at W=2 run in the same
+    # rounds; the floor-corrected ratio and the plain ratio of the two columns'
+    # medians are only reported.
     from mpipe.bench.report import targets
 
-    def column(workers: int, mpipe_s: float, to_floor: float) -> dict[str, object]:
-        return {"workers": workers, "floor_processes": 2,
-                "summary": {"mpipe": {"median_wall_s": mpipe_s},
-                            "floor": {"median_ratio": to_floor}}}
+    def column(workers: int, mpipe_s: float, to_floor: float,
+               to_at_cores: float | None = None) -> dict[str, object]:
+        summary: dict[str, object] = {"mpipe": {"median_wall_s": mpipe_s},
+                                      "floor": {"median_ratio": to_floor}}
+        if to_at_cores is not None:
+            summary["mpipe-at-cores"] = {"median_ratio": to_at_cores}
+        return {"workers": workers, "floor_processes": 2, "summary": summary}
 
-    doc = {"machine": {"cores": 2},
-           "suites": {"compute": {"configs": [column(2, 5.0, 1.05), column(10, 6.0, 1.06)]}}}
-    rows = {t["target"]: t for t in targets(doc)}
-    corrected = rows["compute W=10 vs W=2: more workers than cores (x floor / x floor)"]
-    assert corrected["measured"] == 1.06 / 1.05 and corrected["met"] is True
-    plain = rows["compute W=10 vs W=2: mpipe medians, uncorrected"]
+    def rows(*columns: dict[str, object]) -> dict[str, dict[str, object]]:
+        doc = {"machine": {"cores": 2}, "suites": {"compute": {"configs": list(columns)}}}
+        return {t["target"]: t for t in targets(doc)}
+
+    name = "compute W=10 vs W=2: more workers than cores"
+    got = rows(column(2, 5.0, 1.05), column(10, 6.0, 1.20, to_at_cores=1.02))
+    assert got[f"{name} (mpipe / mpipe at W=2, same rounds)"]["measured"] == 1.02
+    assert got[f"{name} (mpipe / mpipe at W=2, same rounds)"]["met"] is True
+    assert got[f"{name} (x floor / x floor)"]["measured"] == 1.20 / 1.05
+    assert got[f"{name} (x floor / x floor)"]["met"] is None
+    plain = got["compute W=10 vs W=2: mpipe medians, uncorrected"]
     assert plain["measured"] == 6.0 / 5.0 and plain["met"] is None
-    doc["suites"]["compute"]["configs"][1] = column(10, 6.0, 1.20)
-    rows = {t["target"]: t for t in targets(doc)}
-    assert rows["compute W=10 vs W=2: more workers than cores (x floor / x floor)"]["met"] is False
+    got = rows(column(2, 5.0, 1.05), column(10, 5.0, 1.0, to_at_cores=1.07))
+    assert got[f"{name} (mpipe / mpipe at W=2, same rounds)"]["met"] is False
+    # Results of run 16 and earlier have no such runner: their target was the
+    # floor-corrected ratio, and --render shows them as they were.
+    got = rows(column(2, 5.0, 1.05), column(10, 6.0, 1.06))
+    assert got[f"{name} (x floor / x floor)"]["measured"] == 1.06 / 1.05
+    assert got[f"{name} (x floor / x floor)"]["met"] is True
+    assert rows(column(2, 5.0, 1.05), column(10, 6.0, 1.20))[
+        f"{name} (x floor / x floor)"]["met"] is False
+
+
+def test_bench_runs_mpipe_at_the_cores_beside_more_workers(tmp_path: Path) -> None:
+    from mpipe.cores import usable_cores
+
+    cores = usable_cores()
+    out = tmp_path / "bench"
+    proc = mpipe("bench", "--quick", "--only", "compute", "--peers", "pool",
+                 "--workers", f"{cores},{cores + 1}", "--out", out, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    at, above = doc["suites"]["compute"]["configs"]
+    assert set(at["summary"]) == {"mpipe", "floor", "pool"}
+    assert set(above["summary"]) == {"mpipe", "floor", "mpipe-at-cores", "pool"}
+    assert all(above["agree"].values())
+    assert _positive(above["summary"]["mpipe-at-cores"]["median_ratio"])
+    target = f"compute W={cores + 1} vs W={cores}: more workers than cores " \
+             f"(mpipe / mpipe at W={cores}, same rounds)"
+    row = next(t for t in doc["targets"] if t["target"] == target)
+    assert row["measured"] == above["summary"]["mpipe-at-cores"]["median_ratio"]
+    assert f"x mpipe W={cores}" in (out / "tables.md").read_text()
 
 
 def test_sigterm_stops_the_bench_and_everything_it_started(tmp_path: Path) -> None:

@@ -23,9 +23,15 @@ from mpipe.bench.workload import BenchDir
 logger = logging.getLogger(__name__)
 
 PEERS_SCRIPT = Path(__file__).with_name("peers.py")
+# mpipe itself at W = cores, a runner in the rounds of each W > cores: "more
+# workers than cores must never make a run slower" is read pair by pair
+# against it, in the same minutes, instead of across columns run minutes apart.
+AT_CORES = "mpipe-at-cores"
+
 PEER_LABELS = {
     "floor": "floor (independent processes)",
     "floor-kept": "floor, freed memory kept as mpipe's workers do",
+    AT_CORES: "mpipe at W = cores (beside W > cores)",
     "serial": "serial loop",
     "pool": "multiprocessing.Pool + apply_async",
     "ppe": "ProcessPoolExecutor",

@@ -25,7 +25,7 @@ import numpy as np
 
 from mpipe.bench import pairs, runners
 from mpipe.bench.measure import Sample
-from mpipe.bench.runners import Env, Job, Runner
+from mpipe.bench.runners import AT_CORES, Env, Job, Runner
 from mpipe.config import DEFAULT_KEEP_FREED_MB
 from mpipe.workloads import notes
 
@@ -97,6 +97,9 @@ def compute(e: Env, plan: Plan, progress: Progress) -> dict[str, Any]:
     for w in plan.workers:
         job = Job(t, r, w, fsync=False)
         others = [("floor", runners.floor_runner(e, job))]
+        if w > e.cores:
+            others.append((AT_CORES, runners.mpipe_runner(e, replace(job, workers=e.cores),
+                                                          label=AT_CORES)))
         if plan.extras:
             others.append(("floor-kept", _floor_kept(e, job)))
         others += [(p, runners.peer_runner(e, p, job)) for p in plan.peers]
