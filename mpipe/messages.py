@@ -141,7 +141,10 @@ class ItemFailure(NamedTuple):
     ``kind`` is ``"raised"`` (the stage function raised), ``"died"`` (the worker
     process died holding the item), ``"timeout"`` (it ran past ``timeout_s``),
     ``"pickle"`` (its value or result could not be pickled) or ``"result"``
-    (the last stage returned something results.h5 cannot hold).
+    (the last stage returned something results.h5 cannot hold).  ``retryable``
+    is False where another attempt would return the same: a result that cannot
+    be pickled, or one results.h5 cannot hold (not for a MemoryError or an
+    OSError on the way).
     """
 
     seq: int
@@ -152,6 +155,7 @@ class ItemFailure(NamedTuple):
     message: str
     traceback: str = ""
     exception: bytes | None = None
+    retryable: bool = True
 
 
 class ReplyBatch(NamedTuple):

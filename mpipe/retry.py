@@ -19,6 +19,7 @@ from mpipe.messages import ItemFailure, WorkItem
 logger = logging.getLogger(__name__)
 
 
+
 class Counts(Protocol):
     failed: int
     retries: int
@@ -48,7 +49,10 @@ def settle_failed_attempt(
                              hint="free space or fix the disk, then run the same "
                              "command again: finished items are kept"))
         return
-    if item.attempt <= retries and may_retry:
+    # A result that cannot be pickled or stored is the stage's code, not the
+    # moment (README: retries follow an exception, a death, a timeout): the
+    # item fails at once instead of running its retries.
+    if item.attempt <= retries and may_retry and failure.retryable:
         stats.retries += 1
         logger.warning("%s: item %s failed (attempt %d of %d): %s; retrying",
                        stage, item.key, item.attempt, retries + 1, failure.message)
@@ -59,6 +63,8 @@ def settle_failed_attempt(
     # the others only say what, not to bury the log (every one is in the report).
     where = (f"\n{failure.traceback.rstrip()}" if stats.failed == 1 and failure.traceback
              else " (its traceback is in the run report)" if failure.traceback else "")
-    logger.error("%s: item %s failed for good after %d attempt(s): %s%s",
-                 stage, item.key, item.attempt, failure.message, where)
+    why = (" (not retried: another attempt would return the same)"
+           if not failure.retryable and item.attempt <= retries else "")
+    logger.error("%s: item %s failed for good after %d attempt(s)%s: %s%s",
+                 stage, item.key, item.attempt, why, failure.message, where)
     on_failed(stage, failure)

@@ -183,7 +183,8 @@ def _run_one(
     started_at = time.time()
     start = time.perf_counter()
 
-    def failure(kind: str, message: str, exc: BaseException | None = None) -> ItemFailure:
+    def failure(kind: str, message: str, exc: BaseException | None = None, *,
+                retryable: bool = True) -> ItemFailure:
         return ItemFailure(
             seq=item.seq,
             key=item.key,
@@ -193,6 +194,7 @@ def _run_one(
             message=message,
             traceback=traceback.format_exc() if exc is not None else "",
             exception=_pickle_or_none(exc),
+            retryable=retryable,
         )
 
     try:
@@ -218,14 +220,17 @@ def _run_one(
         payload = dumps(result)
     except Exception as exc:
         message = f"the stage returned a {type(result).__name__} that cannot be pickled: {exc}"
-        return failure("pickle", message, exc), None
+        return failure("pickle", message, exc, retryable=_transient(exc)), None
     if row_check is not None:
         # Here, not in the writer: the consumer folds the value first, and
         # a None there would break the whole run, blamed on the consumer.
         try:
             row_check(result, "the last stage's value")
         except TypeError as exc:
-            return failure("result", str(exc)), None
+            # as_row turns whatever np.asarray raised into a TypeError; the
+            # original is its __context__.
+            return failure("result", str(exc),
+                           retryable=_transient(exc.__context__)), None
     done = ItemDone(
         seq=item.seq,
         key=item.key,
@@ -237,6 +242,11 @@ def _run_one(
         started_at=started_at,
     )
     return done, None
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """An error of the moment, not of the value: another attempt may pass."""
+    return isinstance(exc, MemoryError | OSError)
 
 
 def _pickle_or_none(exc: BaseException | None) -> bytes | None:

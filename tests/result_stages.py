@@ -14,6 +14,21 @@ def none_for_two(value: int) -> float | None:
     return None if value == 2 else float(value)
 
 
+def lock_for_two(value: int) -> object:
+    import threading
+
+    return threading.Lock() if value == 2 else float(value)
+
+
+class _OutOfMemoryWhenPickled:
+    def __reduce__(self) -> Any:
+        raise MemoryError("no memory left to pickle this")
+
+
+def out_of_memory_for_two(value: int) -> object:
+    return _OutOfMemoryWhenPickled() if value == 2 else float(value)
+
+
 def total(values: Iterable[float]) -> float:
     return float(sum(values))
 

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import mpipe
 
 
-def _config(workdir: Path, consumer: str, stage: str = "none_for_two") -> Path:
+def _config(workdir: Path, consumer: str, stage: str = "none_for_two", retries: int = 0) -> Path:
     cfg = workdir / "pipeline.yaml"
     cfg.write_text(textwrap.dedent(f"""\
         pipeline: results
@@ -25,7 +25,7 @@ def _config(workdir: Path, consumer: str, stage: str = "none_for_two") -> Path:
         params: {{n: 4}}
         source: {{fn: tests.result_stages:numbers}}
         stages:
-          last: {{fn: tests.result_stages:{stage}, workers: 2, retries: 0}}
+          last: {{fn: tests.result_stages:{stage}, workers: 2, retries: {retries}}}
         consumer: {{fn: tests.result_stages:{consumer}}}
         writer: {{path: results.h5}}
         allowed_modules: [tests.result_stages]
@@ -42,6 +42,37 @@ def test_a_last_stage_returning_none_fails_that_item_at_that_stage(tmp_path: Pat
     assert failure["key"] == "2" and failure["stage"] == "last" and failure["kind"] == "result"
     assert "must be a number or a numeric array, got NoneType" in failure["message"]
     assert doc["counts"]["committed"] == 3
+
+
+@pytest.mark.parametrize(("stage", "kind"), [("none_for_two", "result"),
+                                             ("lock_for_two", "pickle")])
+def test_a_value_no_attempt_could_store_is_not_retried(tmp_path: Path, stage: str,
+                                                       kind: str) -> None:
+    # Another attempt would return the same None or lock: the item fails at
+    # once, its retries unspent, and the log says why.
+    proc = mpipe("run", _config(tmp_path, "total", stage=stage, retries=2), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads((tmp_path / ".mpipe/results/last-run.json").read_text())
+    [failure] = doc["failures"]
+    assert failure["key"] == "2" and failure["kind"] == kind
+    last = doc["stages"]["last"]
+    assert (last["failed"], last["retries"]) == (1, 0)
+    assert doc["counts"]["committed"] == 3
+    assert "failed for good after 1 attempt(s) (not retried: another attempt would " \
+           "return the same)" in proc.stderr, proc.stderr
+    assert "retrying" not in proc.stderr
+
+
+def test_a_memory_error_while_pickling_a_result_is_retried(tmp_path: Path) -> None:
+    # Out of memory is the moment, not the value: the retries are spent.
+    proc = mpipe("run", _config(tmp_path, "total", stage="out_of_memory_for_two", retries=2),
+                 cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads((tmp_path / ".mpipe/results/last-run.json").read_text())
+    [failure] = doc["failures"]
+    assert failure["kind"] == "pickle" and "no memory left" in failure["message"]
+    assert (doc["stages"]["last"]["failed"], doc["stages"]["last"]["retries"]) == (1, 2)
+    assert "failed for good after 3 attempt(s): " in proc.stderr, proc.stderr
 
 
 def test_a_consumer_returning_a_dict_is_named(tmp_path: Path) -> None:
