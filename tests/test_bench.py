@@ -57,6 +57,8 @@ def test_bench_quick_writes_results_and_plot(tmp_path: Path) -> None:
     assert len(peaks) == 2 and all(_positive(v) for v in peaks.values())
     sums = overhead["memory"]["median_sum_process_peaks_bytes"]
     assert all(sums[k] >= peaks[k] for k in peaks)
+    pss = overhead["memory"]["median_peak_pss_bytes"]  # shared pages counted once
+    assert pss.keys() == peaks.keys() and all(0 < pss[k] < peaks[k] for k in peaks)
 
     assert doc["targets"] and all({"target", "measured", "bound", "met"} <= t.keys()
                                   for t in doc["targets"])
@@ -115,6 +117,41 @@ def test_more_workers_than_cores_is_read_against_mpipe_at_the_cores() -> None:
     assert got[f"{name} (x floor / x floor)"]["met"] is True
     assert rows(column(2, 5.0, 1.05), column(10, 6.0, 1.20))[
         f"{name} (x floor / x floor)"]["met"] is False
+
+
+def test_tables_take_columns_in_any_order_and_without_w_at_the_cores() -> None:
+    # --workers 4,2 puts a column with mpipe-at-cores first; --workers 5 has no
+    # W = cores column at all: the target is still there, and no table takes
+    # mpipe at the cores for a peer.
+    from io import StringIO
+
+    from rich.console import Console
+
+    from mpipe.bench.report import markdown, print_tables, targets
+
+    def column(workers: int, at_cores: bool) -> dict[str, object]:
+        names = ["mpipe", "floor", *(["mpipe-at-cores"] if at_cores else []), "pool"]
+        summary = {n: {"median_wall_s": 3.0, "median_cpu_pct": 90.0, "n": 5,
+                       **({} if n == "mpipe" else {"median_ratio": 1.02, "ratios": [1.02]})}
+                   for n in names}
+        return {"workers": workers, "floor_processes": 2, "summary": summary,
+                "agree": dict.fromkeys(names, True)}
+
+    for workers in ([4, 2], [5]):
+        doc: dict[str, object] = {
+            "machine": {"cores": 2},
+            "suites": {"compute": {"tasks": 10, "repeat": 1,
+                                   "configs": [column(w, w > 2) for w in workers]}}}
+        doc["targets"] = targets(doc)
+        names = [t["target"] for t in doc["targets"]]
+        assert "compute W=5 vs W=2: more workers than cores (mpipe / mpipe at W=2, same " \
+               "rounds)" in names or workers != [5], names
+        assert not any("fastest peer (mpipe-at-cores)" in n for n in names), names
+        text = markdown(doc)
+        assert "x mpipe-at-cores" not in text and text.count("x mpipe W=2") == 1, text
+        out = StringIO()
+        print_tables(doc, Console(file=out, width=300))
+        assert "x mpipe-at-cores" not in out.getvalue()
 
 
 def test_bench_runs_mpipe_at_the_cores_beside_more_workers(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         base = walls.get(cores)
         for cfg in suites["compute"]["configs"]:
             w, summ = cfg["workers"], cfg["summary"]
-            if w <= cores or base is None:
+            if w <= cores:
                 continue
             # The target: mpipe at W against mpipe at W = cores, pair by pair in
             # the same rounds.  Results from before that runner (run 16 and
@@ -83,15 +83,16 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             # both columns' noise.  Both, and the plain ratio of medians, are
             # reported.
             at_cores = summ.get(AT_CORES, {}).get("median_ratio")
-            rel = to_floor[w] / to_floor[cores]
             name = f"compute W={w} vs W={cores}: more workers than cores"
             bound = f"<= {NOISE_SLACK} (never slower, 5% noise)"
             if at_cores is not None:
                 add(f"{name} (mpipe / mpipe at W={cores}, same rounds)", at_cores, bound,
                     at_cores <= NOISE_SLACK)
-                add(f"{name} (x floor / x floor)", rel, "reported", None)
-            else:
-                add(f"{name} (x floor / x floor)", rel, bound, rel <= NOISE_SLACK)
+            if base is None:  # no W = cores column to compare the columns with
+                continue
+            rel = to_floor[w] / to_floor[cores]
+            add(f"{name} (x floor / x floor)", rel, "reported" if at_cores is not None
+                else bound, None if at_cores is not None else rel <= NOISE_SLACK)
             add(f"compute W={w} vs W={cores}: mpipe medians, uncorrected", walls[w] / base,
                 "reported", None)
     if "io" in suites:
@@ -127,6 +128,9 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         if o["memory"].get("sum_process_peaks_ratio") is not None:
             add(f"overhead: sum of per-process peak RSS T={tasks[0]} / T={tasks[1]}",
                 o["memory"]["sum_process_peaks_ratio"], "reported", None)
+        if o["memory"].get("median_pss_ratio") is not None:
+            add(f"overhead: peak tree PSS T={tasks[0]} / T={tasks[1]} (shared pages once)",
+                o["memory"]["median_pss_ratio"], "reported", None)
     if "dask" in suites:
         d = suites["dask"]
         for name, what in (("dask-localcluster", "a LocalCluster started by each run"),
@@ -161,11 +165,12 @@ def print_tables(doc: dict[str, Any], console: Console) -> None:
 
 
 def _compute_runners(c: dict[str, Any]) -> tuple[list[str], list[str], bool]:
-    """The compute suite's runners: the columns of W=1 but mpipe and the floor,
+    """The compute suite's runners: the first column's but mpipe, the floor and
+    mpipe at W = cores,
     every runner of any column in order of first appearance, and whether
     mpipe at W = cores ran beside W > cores (not in results of run 16 and
     earlier)."""
-    peers = [n for n in c["configs"][0]["summary"] if n not in ("mpipe", "floor")]
+    peers = [n for n in c["configs"][0]["summary"] if n not in ("mpipe", "floor", AT_CORES)]
     names = list(dict.fromkeys(n for cfg in c["configs"] for n in cfg["summary"]))
     return peers, names, AT_CORES in names
 
@@ -190,7 +195,7 @@ def _compute_tables(c: dict[str, Any], cores: int, console: Console) -> None:
                   _fmt(1 / summ["floor"]["median_ratio"], ".3f"),
                   _fmt(ideal / m["median_wall_s"] if ideal else None, ".3f"),
                   _fmt(summ["floor"]["median_ratio"], ".3f"),
-                  *(_fmt(summ[p]["median_ratio"], ".3f") for p in peers),
+                  *(_fmt(summ.get(p, {}).get("median_ratio"), ".3f") for p in peers),
                   *([_fmt(summ.get(AT_CORES, {}).get("median_ratio"), ".3f")]
                     if at_cores else []),
                   "yes" if all(cfg["agree"].values()) else "NO")
@@ -240,7 +245,17 @@ def _overhead_tables(o: dict[str, Any], console: Console) -> None:
     console.print("peak RSS of the process tree (R=0, W=2): " + ", ".join(
         f"{k} {v / 2**20:.0f} MiB" for k, v in m["median_peak_rss_bytes"].items())
         + f"; ratio {_fmt(m['median_ratio'], '.3f')}; sum of per-process peaks: " + ", ".join(
-        f"{k} {v / 2**20:.0f} MiB" for k, v in m.get("median_sum_process_peaks_bytes", {}).items()))
+        f"{k} {v / 2**20:.0f} MiB" for k, v in m.get("median_sum_process_peaks_bytes", {}).items())
+        + _pss_text(m))
+
+
+def _pss_text(m: dict[str, Any]) -> str:
+    pss = m.get("median_peak_pss_bytes")  # from run 17 on
+    if not pss or None in pss.values():
+        return ""
+    return ("; peak PSS of the tree: " + ", ".join(f"{k} {v / 2**20:.0f} MiB"
+                                                   for k, v in pss.items())
+            + f" (ratio {_fmt(m.get('median_pss_ratio'), '.3f')})")
 
 
 def _tail_table(s: dict[str, Any], console: Console) -> None:
@@ -363,7 +378,7 @@ def markdown(doc: dict[str, Any]) -> str:
                          _fmt(1 / summ["floor"]["median_ratio"]),
                          _fmt(ideal / m["median_wall_s"] if ideal else None),
                          _fmt(summ["floor"]["median_ratio"]),
-                         *(_fmt(summ[p]["median_ratio"]) for p in peers),
+                         *(_fmt(summ.get(p, {}).get("median_ratio")) for p in peers),
                          *([_fmt(summ.get(AT_CORES, {}).get("median_ratio"))]
                            if at_cores else [])])
         table(["tasks", "workers", "wall s", "speedup vs 1", "CPU %", "eff. vs floor",
@@ -406,11 +421,16 @@ def markdown(doc: dict[str, Any]) -> str:
                    f"{_fmt(p['median_per_item_fsync_ms'], '.3f')} ms)\n")
         m = o["memory"]
         sums = m.get("median_sum_process_peaks_bytes", {})
+        pss = m.get("median_peak_pss_bytes") or {}  # from run 17 on
         table(["tasks (R=0, W=2)", "peak RSS of the process tree, MiB",
-               "sum of per-process peaks, MiB"],
-              [[k, f"{v / 2**20:.0f}", _fmt(sums[k] / 2**20 if k in sums else None, ".0f")]
+               "sum of per-process peaks, MiB",
+               *(["peak PSS of the process tree, MiB"] if pss else [])],
+              [[k, f"{v / 2**20:.0f}", _fmt(sums[k] / 2**20 if k in sums else None, ".0f"),
+                *([_fmt(pss[k] / 2**20 if pss.get(k) else None, ".0f")] if pss else [])]
                for k, v in m["median_peak_rss_bytes"].items()])
-        out.append(f"ratio: {_fmt(m['median_ratio'], '.3f')}\n")
+        out.append(f"ratio: {_fmt(m['median_ratio'], '.3f')}"
+                   + (f" (PSS: {_fmt(m.get('median_pss_ratio'), '.3f')})" if pss else "")
+                   + "\n")
     if "tail" in suites:
         s = suites["tail"]
         names = list(s["configs"][0]["summary"])

@@ -229,6 +229,9 @@ def overhead(e: Env, plan: Plan, progress: Progress, *, env_no_cache: Env) -> di
     ratios = [a / b for a, b in zip(peaks_big, peaks_small, strict=False) if b]
     per_proc = {name: statistics.median(s.sum_process_peaks_bytes or 0 for s in mem.samples[name])
                 for name in (f"T={big}", f"T={small}")}
+    pss_big = [s.peak_pss_bytes for s in mem.samples[f"T={big}"]]
+    pss_small = [s.peak_pss_bytes for s in mem.samples[f"T={small}"]]
+    pss_ratios = [a / b for a, b in zip(pss_big, pss_small, strict=False) if a and b]
     return {
         "empty": {"tasks": 0, "workers": 2, **start.as_json()},
         "per_item": {"items": plan.items, "stages": 3, "workers_per_stage": plan.trivial_workers,
@@ -247,8 +250,19 @@ def overhead(e: Env, plan: Plan, progress: Progress, *, env_no_cache: Env) -> di
                    "median_sum_process_peaks_bytes": {k: int(v) for k, v in per_proc.items()},
                    "sum_process_peaks_ratio": (round(per_proc[f"T={big}"] / per_proc[f"T={small}"],
                                                      4) if per_proc[f"T={small}"] else None),
+                   "median_peak_pss_bytes": {f"T={big}": _median_or_none(pss_big),
+                                             f"T={small}": _median_or_none(pss_small)},
+                   "pss_ratios": [round(r, 4) for r in pss_ratios],
+                   "median_pss_ratio": (round(statistics.median(pss_ratios), 4)
+                                        if pss_ratios else None),
                    **mem.as_json()},
     }
+
+
+def _median_or_none(values: list[int | None]) -> int | None:
+    """The median, or None if a value is missing (PSS not readable)."""
+    present = [v for v in values if v is not None]
+    return int(statistics.median(present)) if present and len(present) == len(values) else None
 
 
 def tail(e: Env, plan: Plan, progress: Progress) -> dict[str, Any]:
