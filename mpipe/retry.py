@@ -19,7 +19,6 @@ from mpipe.messages import ItemFailure, WorkItem
 logger = logging.getLogger(__name__)
 
 
-
 class Counts(Protocol):
     failed: int
     retries: int
@@ -63,7 +62,7 @@ def settle_failed_attempt(
     # the others only say what, not to bury the log (every one is in the report).
     where = (f"\n{failure.traceback.rstrip()}" if stats.failed == 1 and failure.traceback
              else " (its traceback is in the run report)" if failure.traceback else "")
-    why = (" (not retried: another attempt would return the same)"
+    why = (" (not retried: another attempt would fail the same way)"
            if not failure.retryable and item.attempt <= retries else "")
     logger.error("%s: item %s failed for good after %d attempt(s)%s: %s%s",
                  stage, item.key, item.attempt, why, failure.message, where)

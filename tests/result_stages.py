@@ -29,6 +29,16 @@ def out_of_memory_for_two(value: int) -> object:
     return _OutOfMemoryWhenPickled() if value == 2 else float(value)
 
 
+class ArrayRaising:
+    """A picklable value whose conversion to an array raises ``exc``."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.exc
+
+
 def total(values: Iterable[float]) -> float:
     return float(sum(values))
 

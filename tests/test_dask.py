@@ -464,6 +464,7 @@ def test_run_item_classifies_failures_as_the_local_backend_does(tmp_path: Path) 
     unpicklable = run(FAULT_FN, "unpicklable")
     assert isinstance(unpicklable, ItemFailure) and unpicklable.kind == "pickle"
     assert "cannot be pickled" in unpicklable.message
+    assert unpicklable.retryable is False  # not retried, as on the local backend
     raised = run(FAULT_FN, "raise")
     assert isinstance(raised, ItemFailure) and raised.kind == "raised"
     assert "InjectedFault" in raised.message and raised.traceback

@@ -59,7 +59,7 @@ def test_a_value_no_attempt_could_store_is_not_retried(tmp_path: Path, stage: st
     assert (last["failed"], last["retries"]) == (1, 0)
     assert doc["counts"]["committed"] == 3
     assert "failed for good after 1 attempt(s) (not retried: another attempt would " \
-           "return the same)" in proc.stderr, proc.stderr
+           "fail the same way)" in proc.stderr, proc.stderr
     assert "retrying" not in proc.stderr
 
 
@@ -73,6 +73,31 @@ def test_a_memory_error_while_pickling_a_result_is_retried(tmp_path: Path) -> No
     assert failure["kind"] == "pickle" and "no memory left" in failure["message"]
     assert (doc["stages"]["last"]["failed"], doc["stages"]["last"]["retries"]) == (1, 2)
     assert "failed for good after 3 attempt(s): " in proc.stderr, proc.stderr
+
+
+def test_what_as_row_met_on_the_way_decides_whether_to_retry() -> None:
+    # as_row turns whatever np.asarray raised into a TypeError; the worker looks
+    # at what it was: out of memory or an OSError is the moment, not the value.
+    from types import SimpleNamespace
+
+    from mpipe.messages import ItemFailure, WorkItem, dumps
+    from mpipe.rows import as_row
+    from mpipe.worker import _run_one
+    from tests.result_stages import ArrayRaising as Raising
+
+    def retryable(value: object) -> bool:
+        ctx = SimpleNamespace(stage="last", worker="w", key="", attempt=0, io_s=0.0,
+                              cpu_wait_s=0.0)
+        reply, _ = _run_one(lambda _: value, False, ctx, WorkItem(0, "k", 1, dumps(0)),
+                            row_check=as_row)
+        assert isinstance(reply, ItemFailure) and reply.kind == "result", reply
+        return reply.retryable
+
+    assert retryable(Raising(MemoryError())) is True
+    assert retryable(Raising(OSError(5, "lazy load failed"))) is True
+    assert retryable(Raising(ValueError("ragged"))) is False
+    assert retryable(None) is False
+    assert retryable("text") is False
 
 
 def test_a_consumer_returning_a_dict_is_named(tmp_path: Path) -> None:

@@ -99,6 +99,7 @@ class _TreeMemory(threading.Thread):
         self.interval_s = interval_s
         self.peak = 0
         self.peak_pss: int | None = 0  # None once a process's PSS could not be read
+        self.pss_reads = 0
         self.peak_processes = 0
         # Per process: the tree's peak depends on whether the workers' own peaks
         # happen to coincide, which gets likelier the more tasks a run has.
@@ -112,7 +113,10 @@ class _TreeMemory(threading.Thread):
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return
-        tick = 0
+        # PSS from the 5th sample on (not at once: the run has not started
+        # up yet), and None if it was read fewer than twice (a run too short
+        # for its sampling to mean anything).
+        tick = 1
         while not self._halt.is_set():
             try:
                 procs = [root, *root.children(recursive=True)]
@@ -129,6 +133,7 @@ class _TreeMemory(threading.Thread):
             self.peak = max(self.peak, total)
             if tick % self.PSS_EVERY == 0 and self.peak_pss is not None:
                 self.peak_pss = self._pss_sum(procs, self.peak_pss)
+                self.pss_reads += 1
             tick += 1
             self.peak_processes = max(self.peak_processes, len(procs))
             self._halt.wait(self.interval_s)
@@ -250,7 +255,7 @@ def run_timed(cmd: list[str], *, cores: int, log: Path, env: dict[str, str] | No
         sample.peak_rss_bytes = sampler.peak
         sample.peak_processes = sampler.peak_processes
         sample.sum_process_peaks_bytes = sum(sampler.per_process.values())
-        sample.peak_pss_bytes = sampler.peak_pss or None
+        sample.peak_pss_bytes = (sampler.peak_pss or None) if sampler.pss_reads >= 2 else None
     if rc != 0:
         tail = log.read_text(errors="replace")[-2000:]
         logger.error("%s exited %d; log %s:\n%s", " ".join(cmd), rc, log, tail)

@@ -166,10 +166,9 @@ def print_tables(doc: dict[str, Any], console: Console) -> None:
 
 def _compute_runners(c: dict[str, Any]) -> tuple[list[str], list[str], bool]:
     """The compute suite's runners: the first column's but mpipe, the floor and
-    mpipe at W = cores,
-    every runner of any column in order of first appearance, and whether
-    mpipe at W = cores ran beside W > cores (not in results of run 16 and
-    earlier)."""
+    mpipe at W = cores; every runner of any column, in order of first
+    appearance; and whether mpipe at W = cores ran beside W > cores (not in
+    results of run 16 and earlier)."""
     peers = [n for n in c["configs"][0]["summary"] if n not in ("mpipe", "floor", AT_CORES)]
     names = list(dict.fromkeys(n for cfg in c["configs"] for n in cfg["summary"]))
     return peers, names, AT_CORES in names
@@ -250,7 +249,7 @@ def _overhead_tables(o: dict[str, Any], console: Console) -> None:
 
 
 def _pss_text(m: dict[str, Any]) -> str:
-    pss = m.get("median_peak_pss_bytes")  # from run 17 on
+    pss = m.get("median_peak_pss_bytes")  # from run 18 on
     if not pss or None in pss.values():
         return ""
     return ("; peak PSS of the tree: " + ", ".join(f"{k} {v / 2**20:.0f} MiB"
@@ -421,7 +420,9 @@ def markdown(doc: dict[str, Any]) -> str:
                    f"{_fmt(p['median_per_item_fsync_ms'], '.3f')} ms)\n")
         m = o["memory"]
         sums = m.get("median_sum_process_peaks_bytes", {})
-        pss = m.get("median_peak_pss_bytes") or {}  # from run 17 on
+        pss = m.get("median_peak_pss_bytes") or {}  # from run 18 on
+        if None in pss.values():  # not readable in every run: no partial figures
+            pss = {}
         table(["tasks (R=0, W=2)", "peak RSS of the process tree, MiB",
                "sum of per-process peaks, MiB",
                *(["peak PSS of the process tree, MiB"] if pss else [])],

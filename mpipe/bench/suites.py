@@ -231,7 +231,10 @@ def overhead(e: Env, plan: Plan, progress: Progress, *, env_no_cache: Env) -> di
                 for name in (f"T={big}", f"T={small}")}
     pss_big = [s.peak_pss_bytes for s in mem.samples[f"T={big}"]]
     pss_small = [s.peak_pss_bytes for s in mem.samples[f"T={small}"]]
-    pss_ratios = [a / b for a, b in zip(pss_big, pss_small, strict=False) if a and b]
+    # Every pair or none: a ratio of some pairs would read as the whole run's.
+    pss_ratios = [a / b for a, b in zip(pss_big, pss_small, strict=True) if a and b]
+    if len(pss_ratios) < len(pss_big):
+        pss_ratios = []
     return {
         "empty": {"tasks": 0, "workers": 2, **start.as_json()},
         "per_item": {"items": plan.items, "stages": 3, "workers_per_stage": plan.trivial_workers,
