@@ -89,7 +89,7 @@ def _workers_positive(v: int | str) -> int | str:
 
 
 def _keep_zero_or_enough(v: int) -> int:
-    # Below 32 MiB (mpipe.allocator.KEEP_MB_MIN, not imported: it loads
+    # Below 32 MiB (mpipe.allocator.MMAP_THRESHOLD_MAX, not imported: it loads
     # ctypes), blocks glibc's own settings keep on the heap would be mmapped.
     if 0 < v < 32:
         raise ValueError(f"must be 0 (glibc's own settings) or 32 to 2047 (got {v})")

@@ -164,26 +164,30 @@ def print_tables(doc: dict[str, Any], console: Console) -> None:
     _targets_table(doc["targets"], console)
 
 
-def _compute_runners(c: dict[str, Any]) -> tuple[list[str], list[str], bool]:
-    """The compute suite's runners: the first column's but mpipe, the floor and
-    mpipe at W = cores; every runner of any column, in order of first
-    appearance; and whether mpipe at W = cores ran beside W > cores (not in
-    results of run 16 and earlier)."""
-    peers = [n for n in c["configs"][0]["summary"] if n not in ("mpipe", "floor", AT_CORES)]
+def _compute_runners(c: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The compute suite's runners: those with an "x RUNNER" column (the first
+    column's but mpipe and the floor, then mpipe at W = cores if it ran beside
+    W > cores: not in results of run 16 and earlier), and every runner of any
+    column, in order of first appearance."""
     names = list(dict.fromkeys(n for cfg in c["configs"] for n in cfg["summary"]))
-    return peers, names, AT_CORES in names
+    ratios = [n for n in c["configs"][0]["summary"] if n not in ("mpipe", "floor", AT_CORES)]
+    return ratios + [AT_CORES] * (AT_CORES in names), names
+
+
+def _ratio_header(name: str, cores: int) -> str:
+    return f"x mpipe W={cores}" if name == AT_CORES else f"x {name}"
 
 
 def _compute_tables(c: dict[str, Any], cores: int, console: Console) -> None:
     sp = speedups(c)
-    peers, names, at_cores = _compute_runners(c)
+    ratios, names = _compute_runners(c)
     floor1 = next((cfg["summary"]["floor"]["median_wall_s"] for cfg in c["configs"]
                    if cfg["workers"] == 1), None)
     t = Table(title=f"Compute-bound: T={c['tasks']}, R={c['repeat']}, mpipe "
               f"(medians of {c['configs'][0]['summary']['mpipe']['n']} interleaved pairs)")
     for col in ("tasks", "workers", "wall s", "speedup vs 1", "CPU %", "eff. vs floor",
-                "eff. vs ideal", "x floor", *(f"x {p}" for p in peers),
-                *([f"x mpipe W={cores}"] if at_cores else []), "same total"):
+                "eff. vs ideal", "x floor", *(_ratio_header(n, cores) for n in ratios),
+                "same total"):
         t.add_column(col, justify="right")
     for cfg in c["configs"]:
         w, summ = cfg["workers"], cfg["summary"]
@@ -194,9 +198,7 @@ def _compute_tables(c: dict[str, Any], cores: int, console: Console) -> None:
                   _fmt(1 / summ["floor"]["median_ratio"], ".3f"),
                   _fmt(ideal / m["median_wall_s"] if ideal else None, ".3f"),
                   _fmt(summ["floor"]["median_ratio"], ".3f"),
-                  *(_fmt(summ.get(p, {}).get("median_ratio"), ".3f") for p in peers),
-                  *([_fmt(summ.get(AT_CORES, {}).get("median_ratio"), ".3f")]
-                    if at_cores else []),
+                  *(_fmt(summ.get(n, {}).get("median_ratio"), ".3f") for n in ratios),
                   "yes" if all(cfg["agree"].values()) else "NO")
     console.print(t)
     console.print("x RUNNER: median over pairs of mpipe wall / RUNNER wall (< 1: mpipe faster); "
@@ -248,9 +250,16 @@ def _overhead_tables(o: dict[str, Any], console: Console) -> None:
         + _pss_text(m))
 
 
+def _pss_medians(m: dict[str, Any]) -> dict[str, int]:
+    """The memory suite's PSS medians per T, or nothing: absent before run 18,
+    or not readable in every run (no partial figures)."""
+    pss = m.get("median_peak_pss_bytes") or {}
+    return {} if None in pss.values() else pss
+
+
 def _pss_text(m: dict[str, Any]) -> str:
-    pss = m.get("median_peak_pss_bytes")  # from run 18 on
-    if not pss or None in pss.values():
+    pss = _pss_medians(m)
+    if not pss:
         return ""
     return ("; peak PSS of the tree: " + ", ".join(f"{k} {v / 2**20:.0f} MiB"
                                                    for k, v in pss.items())
@@ -362,7 +371,7 @@ def markdown(doc: dict[str, Any]) -> str:
     if "compute" in suites:
         c = suites["compute"]
         sp = speedups(c)
-        peers, names, at_cores = _compute_runners(c)
+        ratios, names = _compute_runners(c)
         floor1 = next((cfg["summary"]["floor"]["median_wall_s"] for cfg in c["configs"]
                        if cfg["workers"] == 1), None)
         out.append(f"Compute-bound, T={c['tasks']}, R={c['repeat']}: mpipe (medians of "
@@ -377,12 +386,10 @@ def markdown(doc: dict[str, Any]) -> str:
                          _fmt(1 / summ["floor"]["median_ratio"]),
                          _fmt(ideal / m["median_wall_s"] if ideal else None),
                          _fmt(summ["floor"]["median_ratio"]),
-                         *(_fmt(summ.get(p, {}).get("median_ratio")) for p in peers),
-                         *([_fmt(summ.get(AT_CORES, {}).get("median_ratio"))]
-                           if at_cores else [])])
+                         *(_fmt(summ.get(n, {}).get("median_ratio")) for n in ratios)])
         table(["tasks", "workers", "wall s", "speedup vs 1", "CPU %", "eff. vs floor",
-               "eff. vs ideal", "x floor", *(f"x {p}" for p in peers),
-               *([f"x mpipe W={cores}"] if at_cores else [])], rows)
+               "eff. vs ideal", "x floor", *(_ratio_header(n, cores) for n in ratios)],
+              rows)
         out.append("Every runner: median wall s (speedup vs its own W=1) [CPU %]\n")
         rows = []
         for name in names:
@@ -420,14 +427,12 @@ def markdown(doc: dict[str, Any]) -> str:
                    f"{_fmt(p['median_per_item_fsync_ms'], '.3f')} ms)\n")
         m = o["memory"]
         sums = m.get("median_sum_process_peaks_bytes", {})
-        pss = m.get("median_peak_pss_bytes") or {}  # from run 18 on
-        if None in pss.values():  # not readable in every run: no partial figures
-            pss = {}
+        pss = _pss_medians(m)
         table(["tasks (R=0, W=2)", "peak RSS of the process tree, MiB",
                "sum of per-process peaks, MiB",
                *(["peak PSS of the process tree, MiB"] if pss else [])],
               [[k, f"{v / 2**20:.0f}", _fmt(sums[k] / 2**20 if k in sums else None, ".0f"),
-                *([_fmt(pss[k] / 2**20 if pss.get(k) else None, ".0f")] if pss else [])]
+                *([_fmt(pss[k] / 2**20, ".0f")] if pss else [])]
                for k, v in m["median_peak_rss_bytes"].items()])
         out.append(f"ratio: {_fmt(m['median_ratio'], '.3f')}"
                    + (f" (PSS: {_fmt(m.get('median_pss_ratio'), '.3f')})" if pss else "")
