@@ -143,6 +143,33 @@ def test_more_workers_than_cores_is_read_against_mpipe_at_the_cores() -> None:
         f"{name} (x floor / x floor)"]["met"] is False
 
 
+def test_durable_wide_ratios_pair_runs_of_the_same_round() -> None:
+    # Round 2 ran while the machine was slow: every runner took twice as long.
+    # Ratios within rounds see no drift; a ratio of medians would.
+    from mpipe.bench.measure import Sample
+    from mpipe.bench.pairs import Rounds
+    from mpipe.bench.report import targets
+    from mpipe.bench.suites import _median_round_ratio
+
+    rounds = Rounds("mpipe")
+    walls = {"mpipe": [3.0, 6.0, 3.2], "mpipe-wide": [2.4, 4.8, 2.4],
+             "mpipe-wide-nofsync": [2.0, 2.0, 2.0]}
+    for name, ws in walls.items():
+        rounds.samples[name] = [Sample(wall_s=w, cpu_s=1.0, returncode=0, cores=2)
+                                for w in ws]
+    assert _median_round_ratio(rounds, "mpipe-wide", "mpipe") == 0.8
+    assert _median_round_ratio(rounds, "mpipe-wide", "mpipe-wide-nofsync") == 1.2
+    d = {"workers": 2, "disk_time_s": 1.0, "ratio_to_disk_time": 3.2,
+         "summary": {"mpipe (no fsync)": {"median_ratio": 1.5}, "floor": {"median_ratio": 0.95}},
+         "wide": {"workers": 6, "ratio_to_disk_time": 2.4, "over_subject": 0.8,
+                  "price_of_fsync": 1.2}}
+    got = {t["target"]: t for t in targets({"machine": {"cores": 2}, "suites": {"durable": d}})}
+    assert got["durable, W=6 (cpu_slots 2): mpipe / mpipe at W=2, same rounds"]["measured"] == 0.8
+    assert got["durable, W=6 (cpu_slots 2): price of fsync (fsync / no fsync, same rounds)"][
+        "measured"] == 1.2
+    assert all(t["met"] is None for n, t in got.items() if n.startswith("durable, W=6"))
+
+
 def test_tables_take_columns_in_any_order_and_without_w_at_the_cores() -> None:
     # --workers 4,2 puts a column with mpipe-at-cores first; --workers 5 has no
     # W = cores column at all: the target is still there, and no table takes

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from mpipe.bench.runners import AT_CORES, PEER_LABELS
+from mpipe.bench.runners import AT_CORES, PEER_LABELS, WIDE, WIDE_NOFSYNC
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 NOISE_SLACK = 1.05
 
 # Runners that are reference points, not peers mpipe must be ahead of.
-NOT_PEERS = frozenset({"mpipe", "floor", "floor-kept", "serial", AT_CORES})
+NOT_PEERS = frozenset({"mpipe", "floor", "floor-kept", "serial", AT_CORES, WIDE, WIDE_NOFSYNC})
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
@@ -115,6 +115,14 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             d["summary"]["mpipe (no fsync)"]["median_ratio"], "reported", None)
         add("durable: mpipe / durable floor", d["summary"]["floor"]["median_ratio"],
             "reported", None)
+        wide = d.get("wide")
+        if wide is not None:
+            w = f"durable, W={wide['workers']} (cpu_slots {cores})"
+            add(f"{w}: mpipe / disk time", wide["ratio_to_disk_time"], "reported", None)
+            add(f"{w}: mpipe / mpipe at W={d['workers']}, same rounds",
+                wide["over_subject"], "reported", None)
+            add(f"{w}: price of fsync (fsync / no fsync, same rounds)",
+                wide["price_of_fsync"], "reported", None)
     if "overhead" in suites:
         o = suites["overhead"]
         empty = o["empty"]["summary"]["mpipe"]["median_wall_s"]

@@ -27,11 +27,19 @@ PEERS_SCRIPT = Path(__file__).with_name("peers.py")
 # workers than cores must never make a run slower" is read pair by pair
 # against it, in the same minutes, instead of across columns run minutes apart.
 AT_CORES = "mpipe-at-cores"
+# In the durable suite, mpipe with WIDE_FACTOR x cores workers (cpu_slots the
+# cores), with and without fsync: while some workers wait for their fsyncs,
+# others compute, as mpipe's advice says to run an fsync-bound stage.
+WIDE = "mpipe-wide"
+WIDE_NOFSYNC = "mpipe-wide-nofsync"
+WIDE_FACTOR = 3
 
 PEER_LABELS = {
     "floor": "floor (independent processes)",
     "floor-kept": "floor, freed memory kept as mpipe's workers do",
     AT_CORES: "mpipe at W = cores (beside W > cores)",
+    WIDE: f"mpipe, {WIDE_FACTOR} workers per core",
+    WIDE_NOFSYNC: f"mpipe, {WIDE_FACTOR} workers per core, no fsync",
     "serial": "serial loop",
     "pool": "multiprocessing.Pool + apply_async",
     "ppe": "ProcessPoolExecutor",

@@ -25,7 +25,7 @@ import numpy as np
 
 from mpipe.bench import pairs, runners
 from mpipe.bench.measure import Sample
-from mpipe.bench.runners import AT_CORES, Env, Job, Runner
+from mpipe.bench.runners import AT_CORES, WIDE, WIDE_FACTOR, WIDE_NOFSYNC, Env, Job, Runner
 from mpipe.config import DEFAULT_KEEP_FREED_MB
 from mpipe.workloads import notes
 
@@ -141,18 +141,37 @@ def durable(e: Env, plan: Plan, progress: Progress) -> dict[str, Any]:
     others = [("mpipe (no fsync)", runners.mpipe_runner(e, Job(job.tasks, 0, job.workers, False),
                                                         label="mpipe-nofsync")),
               ("floor", runners.floor_runner(e, job))]
+    wide = replace(job, workers=WIDE_FACTOR * e.cores)
     if plan.extras:
         # The issue's reference point: a serial loop fsyncing every file.
         others.append(("serial", runners.peer_runner(e, "serial", job)))
+        # mpipe as its advice runs it when fsync waits are most of the IO:
+        # more workers than cpu slots, so that some compute while others wait.
+        others += [(WIDE, runners.mpipe_runner(e, wide, label=WIDE)),
+                   (WIDE_NOFSYNC, runners.mpipe_runner(e, replace(wide, fsync=False),
+                                                       label=WIDE_NOFSYNC))]
     others += [(p, runners.peer_runner(e, p, job)) for p in plan.peers]
     rounds = _run(e, ("mpipe", runners.mpipe_runner(e, job)), others, plan.pairs, progress,
                   "durable")
     disk_s = written / rate
-    return {"tasks": job.tasks, "repeat": 0, "workers": job.workers, "fsync": True,
-            "bytes_written": written, "disk_write_mb_s": [round(p / 1e6, 1) for p in probes],
-            "disk_time_s": round(disk_s, 3),
-            "ratio_to_disk_time": round(rounds.median_wall("mpipe") / disk_s, 4),
-            "agree": _agree(rounds), **rounds.as_json()}
+    doc = {"tasks": job.tasks, "repeat": 0, "workers": job.workers, "fsync": True,
+           "bytes_written": written, "disk_write_mb_s": [round(p / 1e6, 1) for p in probes],
+           "disk_time_s": round(disk_s, 3),
+           "ratio_to_disk_time": round(rounds.median_wall("mpipe") / disk_s, 4),
+           "agree": _agree(rounds), **rounds.as_json()}
+    if WIDE in rounds.samples:
+        doc["wide"] = {
+            "workers": wide.workers,
+            "ratio_to_disk_time": round(rounds.median_wall(WIDE) / disk_s, 4),
+            "over_subject": _median_round_ratio(rounds, WIDE, "mpipe"),
+            "price_of_fsync": _median_round_ratio(rounds, WIDE, WIDE_NOFSYNC)}
+    return doc
+
+
+def _median_round_ratio(rounds: pairs.Rounds, a: str, b: str) -> float:
+    """The median over rounds of runner a's wall / runner b's, each in the same round."""
+    walls = zip(rounds.samples[a], rounds.samples[b], strict=True)
+    return round(statistics.median(x.wall_s / y.wall_s for x, y in walls), 4)
 
 
 def _npy_size() -> int:
