@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import mpipe
 
@@ -144,30 +147,78 @@ def test_more_workers_than_cores_is_read_against_mpipe_at_the_cores() -> None:
 
 
 def test_durable_wide_ratios_pair_runs_of_the_same_round() -> None:
-    # Round 2 ran while the machine was slow: every runner took twice as long.
-    # Ratios within rounds see no drift; a ratio of medians would.
+    # The machine drifts between rounds; ratios within a round see none of it.
+    # These walls give the right answers (0.8, 1.2, 0.6) only when each ratio
+    # pairs runs of the same round: by medians, sorted, rotated, reversed or
+    # swapped, each comes out otherwise.
     from mpipe.bench.measure import Sample
     from mpipe.bench.pairs import Rounds
     from mpipe.bench.report import targets
-    from mpipe.bench.suites import _median_round_ratio
+    from mpipe.bench.suites import wide_summary
 
     rounds = Rounds("mpipe")
-    walls = {"mpipe": [3.0, 6.0, 3.2], "mpipe-wide": [2.4, 4.8, 2.4],
-             "mpipe-wide-nofsync": [2.0, 2.0, 2.0]}
+    walls = {"mpipe": [3.0, 6.0, 4.0], "mpipe (no fsync)": [4.0, 5.0, 6.0],
+             "mpipe-wide": [2.4, 3.0, 3.6], "mpipe-wide-nofsync": [2.0, 1.5, 4.0]}
     for name, ws in walls.items():
         rounds.samples[name] = [Sample(wall_s=w, cpu_s=1.0, returncode=0, cores=2)
                                 for w in ws]
-    assert _median_round_ratio(rounds, "mpipe-wide", "mpipe") == 0.8
-    assert _median_round_ratio(rounds, "mpipe-wide", "mpipe-wide-nofsync") == 1.2
-    d = {"workers": 2, "disk_time_s": 1.0, "ratio_to_disk_time": 3.2,
-         "summary": {"mpipe (no fsync)": {"median_ratio": 1.5}, "floor": {"median_ratio": 0.95}},
-         "wide": {"workers": 6, "ratio_to_disk_time": 2.4, "over_subject": 0.8,
-                  "price_of_fsync": 1.2}}
+    wide = wide_summary(rounds, 6, disk_s=1.0)
+    assert wide["over_subject"] == 0.8
+    assert wide["price_of_fsync"] == 1.2
+    assert wide["over_subject_nofsync"] == 0.6
+    assert wide["ratio_to_disk_time"] == 3.0  # the median wall / the disk's time
+    d = {"workers": 2, "disk_time_s": 1.0, "ratio_to_disk_time": 4.0, "wide": wide,
+         "summary": {"mpipe (no fsync)": {"median_ratio": 0.8}, "floor": {"median_ratio": 0.95}}}
     got = {t["target"]: t for t in targets({"machine": {"cores": 2}, "suites": {"durable": d}})}
-    assert got["durable, W=6 (cpu_slots 2): mpipe / mpipe at W=2, same rounds"]["measured"] == 0.8
-    assert got["durable, W=6 (cpu_slots 2): price of fsync (fsync / no fsync, same rounds)"][
-        "measured"] == 1.2
-    assert all(t["met"] is None for n, t in got.items() if n.startswith("durable, W=6"))
+    w = "durable, W=6 (cpu_slots 2)"
+    assert got[f"{w}: mpipe / mpipe at W=2, same rounds"]["measured"] == 0.8
+    assert got[f"{w}: mpipe / mpipe at W=2 without fsync, same rounds"]["measured"] == 0.6
+    assert got[f"{w}: price of fsync (fsync / no fsync at W=6, same rounds)"]["measured"] == 1.2
+    assert all(t["met"] is None for n, t in got.items() if n.startswith(w))
+
+
+def test_durable_suite_runs_the_wide_mpipe_with_as_many_io_slots_as_workers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --io-slots 2 sets mpipe's io_slots for the suite's own runs; the wide
+    # runs measure the advice (io_slots as high as workers) and keep theirs.
+    from mpipe.bench import runners, suites
+    from mpipe.bench.measure import Sample
+    from mpipe.bench.workload import BenchDir
+
+    seen: list[tuple[str, int, bool, int | None]] = []
+
+    def fake_mpipe(e: runners.Env, job: runners.Job, *, label: str = "mpipe",
+                   **_: object) -> runners.Runner:
+        seen.append((label, job.workers, job.fsync, e.io_slots))
+        return lambda: Sample(wall_s=job.workers * (2.0 if job.fsync else 1.0), cpu_s=1.0,
+                              returncode=0, cores=2, extra={"total": [1.0]})
+
+    def fake_other(*_: object, **__: object) -> runners.Runner:
+        return lambda: Sample(wall_s=1.0, cpu_s=1.0, returncode=0, cores=2,
+                              extra={"total": [1.0]})
+
+    monkeypatch.setattr(runners, "mpipe_runner", fake_mpipe)
+    monkeypatch.setattr(runners, "floor_runner", fake_other)
+    monkeypatch.setattr(runners, "peer_runner", fake_other)
+    monkeypatch.setattr(suites, "disk_write_rate", lambda e, mb: 1e9)
+    bench = BenchDir(tmp_path)
+    monkeypatch.setattr(BenchDir, "ensure_inputs", lambda self, tasks: None)
+    monkeypatch.setattr(BenchDir, "warm_inputs", lambda self, tasks: None)
+    monkeypatch.setattr(BenchDir, "clear_outputs", lambda self: None)
+    e = runners.Env(bench, cores=2, python="python", env={}, io_slots=2)
+    plan = suites.Plan(pairs=3, workers=[2], compute_tasks=2, compute_repeat=0, io_tasks=4,
+                       io_workers=2, items=10, trivial_workers=1, memory_tasks=(2, 4),
+                       memory_pairs=1, tail_tasks=2, tail_workers=[1], dask_workers=2,
+                       disk_probe_mb=8, peers=())
+    doc = suites.durable(e, plan, lambda name, sample: None)
+    assert ("mpipe-wide", 6, True, None) in seen and ("mpipe-wide-nofsync", 6, False, None) in seen
+    assert ("mpipe", 2, True, 2) in seen
+    assert doc["wide"]["workers"] == doc["wide"]["io_slots"] == 6
+    assert doc["wide"]["over_subject"] == 3.0  # 12 s / 4 s, the fakes' walls
+    # Where the suite's own W is already 3 per core, there is nothing wider to run.
+    seen.clear()
+    doc = suites.durable(e, replace(plan, io_workers=6), lambda name, sample: None)
+    assert "wide" not in doc and [s[0] for s in seen] == ["mpipe-nofsync", "mpipe"]
 
 
 def test_tables_take_columns_in_any_order_and_without_w_at_the_cores() -> None:

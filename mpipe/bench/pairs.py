@@ -36,10 +36,10 @@ class Rounds:
     def median_cpu_pct(self, name: str) -> float:
         return statistics.median(s.cpu_pct for s in self.samples[name])
 
-    def ratios(self, other: str) -> list[float]:
-        """subject / other, pair by pair."""
-        return [a.wall_s / b.wall_s for a, b in zip(self.samples[self.subject],
-                                                    self.samples[other], strict=False)]
+    def ratios(self, other: str, of: str | None = None) -> list[float]:
+        """``of`` (default: the subject) / other, round by round."""
+        return [a.wall_s / b.wall_s for a, b in zip(self.samples[of or self.subject],
+                                                    self.samples[other], strict=True)]
 
     def median_ratio(self, other: str) -> float:
         return statistics.median(self.ratios(other))

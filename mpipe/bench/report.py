@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from mpipe.bench.runners import AT_CORES, PEER_LABELS, WIDE, WIDE_NOFSYNC
+from mpipe.bench.runners import AT_CORES, PEER_LABELS, WIDE, WIDE_FACTOR, WIDE_NOFSYNC
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,10 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             add(f"{w}: mpipe / disk time", wide["ratio_to_disk_time"], "reported", None)
             add(f"{w}: mpipe / mpipe at W={d['workers']}, same rounds",
                 wide["over_subject"], "reported", None)
-            add(f"{w}: price of fsync (fsync / no fsync, same rounds)",
+            if "over_subject_nofsync" in wide:  # from run 20 on
+                add(f"{w}: mpipe / mpipe at W={d['workers']} without fsync, same rounds",
+                    wide["over_subject_nofsync"], "reported", None)
+            add(f"{w}: price of fsync (fsync / no fsync at W={wide['workers']}, same rounds)",
                 wide["price_of_fsync"], "reported", None)
     if "overhead" in suites:
         o = suites["overhead"]
@@ -160,6 +163,8 @@ def print_tables(doc: dict[str, Any], console: Console) -> None:
             _single_table(s, f"{title}: T={s['tasks']}, R=0, W={s['workers']}", console)
     if "durable" in suites:
         d = suites["durable"]
+        if "wide" in d:
+            console.print(_wide_note(d, cores))
         console.print(f"disk: {d['bytes_written'] / 1e9:.2f} GB written; sequential write "
                       f"{', '.join(map(str, d['disk_write_mb_s']))} MB/s -> disk time "
                       f"{d['disk_time_s']:.2f} s; mpipe / disk time {d['ratio_to_disk_time']:.2f}")
@@ -226,6 +231,13 @@ def _compute_tables(c: dict[str, Any], cores: int, console: Console) -> None:
             cells.append(f"{s['median_wall_s']:.2f} ({_fmt(speed)}) [{s['median_cpu_pct']:.0f}]")
         t.add_row(_label(name), *cells)
     console.print(t)
+
+
+def _wide_note(d: dict[str, Any], cores: int) -> str:
+    w = d["wide"]
+    return (f"\"{WIDE_FACTOR} workers per core\": W={w['workers']}, io_slots "
+            f"{w.get('io_slots', w['workers'])}, cpu_slots {cores}; \"mpipe / runner\" is "
+            f"mpipe at W={d['workers']} with fsync over each runner, in the same rounds")
 
 
 def _single_table(s: dict[str, Any], title: str, console: Console) -> None:
@@ -419,6 +431,8 @@ def markdown(doc: dict[str, Any]) -> str:
             table(["runner", "wall s", "CPU %", "mpipe / runner"],
                   [[_label(n), _fmt(v["median_wall_s"]), _fmt(v["median_cpu_pct"], ".0f"),
                     _fmt(v.get("median_ratio"), ".3f")] for n, v in s["summary"].items()])
+            if key == "durable" and "wide" in s:
+                out.append(_wide_note(s, doc["machine"]["cores"]) + "\n")
     if "overhead" in suites:
         o = suites["overhead"]
         out.append("Start-up + tear-down of an empty pipeline (T=0, W=2)\n")
