@@ -40,6 +40,12 @@ STARVED_PCT = 50.0
 IO_BOUND_PCT = 50.0
 # Waiting for a cpu slot this share of busy time: the cores are saturated.
 CPU_WAIT_PCT = 25.0
+# Of an IO-bound stage's IO, this share making ctx.output_dir's files durable:
+# the wait is for the disk's commits, which other workers can overlap with
+# compute.  Up to about 3 workers per cpu slot paid on the notes' workload
+# (docs/BENCHMARKS.md, "Durable outputs").
+OUTPUT_COMMIT_PCT = 50.0
+WORKERS_PER_CPU_SLOT_FOR_COMMITS = 3
 
 
 def _pct(part: float, whole: float) -> float:
@@ -91,6 +97,7 @@ def stage_metrics(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         capacity = workers * window
         busy = float(s.get("busy_s", 0.0))
         io = min(float(s.get("io_s", 0.0)), busy)
+        commit = min(float(s.get("output_commit_s", 0.0)), io)
         cpu_wait = min(float(s.get("cpu_wait_s", 0.0)), busy - io)
         compute = max(busy - io - cpu_wait, 0.0)
         starved = max(float(s.get("starved_s", 0.0)) - workers * boot, 0.0)
@@ -105,6 +112,7 @@ def stage_metrics(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "timeouts": int(s.get("timeouts", 0)),
             "busy_s": round(busy, 4),
             "io_s": round(io, 4),
+            "output_commit_s": round(commit, 4),
             "compute_s": round(compute, 4),
             "cpu_wait_s": round(cpu_wait, 4),
             "starved_s": round(starved, 4),
@@ -113,6 +121,7 @@ def stage_metrics(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "starved_pct": round(min(_pct(starved, capacity), 100.0), 1),
             "blocked_pct": round(min(_pct(blocked, window), 100.0), 1),
             "io_pct_of_busy": round(_pct(io, busy), 1),
+            "output_commit_pct_of_io": round(_pct(commit, io), 1),
             "cpu_wait_pct_of_busy": round(_pct(cpu_wait, busy), 1),
             "items_per_s": round(int(s.get("done", 0)) / window, 3),
             # Seconds the input queue sat at its bound, when the runner reports them.
@@ -192,6 +201,9 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int
     else:
         head = (f"{name} was {s['busy_pct']:.0f}% busy and waited for input "
                 f"{s['starved_pct']:.0f}% of its worker-time")
+    if (s["io_pct_of_busy"] >= IO_BOUND_PCT
+            and s.get("output_commit_pct_of_io", 0.0) >= OUTPUT_COMMIT_PCT):
+        return _commit_verdict(name, s, head, cpu_slots)
     if s["io_pct_of_busy"] >= IO_BOUND_PCT:
         return {
             "stage": name, "kind": "io",
@@ -227,6 +239,31 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int
         "message": f"{head}, with {workers} workers on {n_cores} cores",
         "advice": "the cores are the limit: more workers will not help; make the stage "
                   "faster or run on more cores",
+    }
+
+
+def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int
+                    ) -> dict[str, Any]:
+    """An IO-bound stage whose IO is mostly its outputs being made durable."""
+    workers, io_slots = s["workers"], s["io_slots"]
+    enough = WORKERS_PER_CPU_SLOT_FOR_COMMITS * cpu_slots
+    if io_slots < workers:
+        advice = (f"raise stages.{name}.io_slots (now {io_slots} for {workers} workers): "
+                  "a worker waiting for its outputs' fsyncs holds its io slot")
+    elif workers < enough:
+        advice = (f"raise stages.{name}.workers (now {workers}) toward {enough} (3 x "
+                  f"cpu_slots {cpu_slots}), with io_slots as high: while some workers "
+                  "wait for their fsyncs, others compute; or set fsync: false if a crash "
+                  "may cost the last few items")
+    else:
+        advice = ("the disk's commits are the limit: use faster storage, or set fsync: false "
+                  "if a crash may cost the last few items")
+    return {
+        "stage": name, "kind": "io",
+        "message": f"{head}; IO is {s['io_pct_of_busy']:.0f}% of its busy time, "
+                   f"{s['output_commit_pct_of_io']:.0f}% of that making its ctx.output_dir "
+                   "files durable and moving them into place",
+        "advice": advice,
     }
 
 

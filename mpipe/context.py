@@ -119,6 +119,16 @@ class WorkdirPaths:
     workdir: Path
     allow_outside_workdir: bool
     fsync: bool
+    io_s: float
+    # Seconds this item's output_dir blocks spent, once the stage's code was
+    # done with them, making the files durable (fsync) and moving them into
+    # place: waiting for the disk, like IO.  Counted in io_s as well when no
+    # io() block already counts it, so a stage that writes its outputs outside
+    # ctx.io() is not taken for compute-bound (mpipe.analysis).
+    output_commit_s: float
+
+    def _in_io_block(self) -> bool:
+        raise NotImplementedError
 
     def path(self, relative: str | Path) -> Path:
         """``relative`` resolved inside the workdir (escapes are refused)."""
@@ -135,6 +145,12 @@ class WorkdirPaths:
         final = self.path(relative)
         with outputs.atomic_dir(final, fsync=self.fsync) as tmp:
             yield tmp
+            committing = time.perf_counter()
+            counted = self._in_io_block()
+        spent = time.perf_counter() - committing
+        self.output_commit_s += spent
+        if not counted:
+            self.io_s += spent
 
 
 @dataclass
@@ -153,6 +169,7 @@ class StageContext(WorkdirPaths):
     attempt: int = 1
     io_s: float = 0.0
     cpu_wait_s: float = 0.0
+    output_commit_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     # A slot is the worker's (io_slots and cpu_slots count workers): its
     # first block takes it, blocks inside it, nested or in other threads of
@@ -210,3 +227,7 @@ class StageContext(WorkdirPaths):
     def stop_requested(self) -> bool:
         """True once the run is stopping: long stages may return early."""
         return self.stop_event.is_set()
+
+    def _in_io_block(self) -> bool:
+        # Any thread's: io_s counts the worker's io() span, whoever is in it.
+        return self._inside[IO_FLAG] > 0

@@ -339,13 +339,24 @@ class DaskStageContext(WorkdirPaths):
     attempt: int = 1
     io_s: float = 0.0
     cpu_wait_s: float = 0.0
+    output_commit_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    _io_depth: int = field(default=0, repr=False)
 
     @contextmanager
     def io(self) -> Iterator[None]:
+        # Nested blocks count once, as on the local backend.
         start = time.perf_counter()
-        yield
-        self.io_s += time.perf_counter() - start
+        self._io_depth += 1
+        try:
+            yield
+        finally:
+            self._io_depth -= 1
+            if self._io_depth == 0:
+                self.io_s += time.perf_counter() - start
+
+    def _in_io_block(self) -> bool:
+        return self._io_depth > 0
 
     @contextmanager
     def cpu(self) -> Iterator[None]:

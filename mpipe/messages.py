@@ -133,6 +133,10 @@ class ItemDone(NamedTuple):
     io_s: float
     cpu_wait_s: float
     started_at: float = 0.0  # wall clock (time.time()), for the run's timeline
+    # Of busy_s, the stage's ctx.output_dir blocks making their files durable
+    # and moving them into place (in io_s too).  Last, with a default: an
+    # ItemDone from an older Dask worker unpickles without it.
+    output_commit_s: float = 0.0
 
 
 class ItemFailure(NamedTuple):

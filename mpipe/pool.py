@@ -89,6 +89,7 @@ class StageStats:
     busy_s: float = 0.0
     io_s: float = 0.0
     cpu_wait_s: float = 0.0
+    output_commit_s: float = 0.0  # of io_s: outputs made durable and moved into place
     starved_s: float = 0.0  # worker-seconds idle because the input queue was empty
     blocked_s: float = 0.0  # seconds with input waiting but no room downstream
     queue_full_s: float = 0.0  # seconds the input queue was at its queue_size
@@ -103,6 +104,7 @@ class StageStats:
         self.busy_s += reply.busy_s
         self.io_s += reply.io_s
         self.cpu_wait_s += reply.cpu_wait_s
+        self.output_commit_s += reply.output_commit_s
         mine = self.per_worker.setdefault(reply.worker, {"items": 0, "busy_s": 0.0})
         mine["items"] += 1
         mine["busy_s"] += reply.busy_s

@@ -172,6 +172,7 @@ class RunContext(Protocol):
     attempt: int
     io_s: float
     cpu_wait_s: float
+    output_commit_s: float
 
 
 def _run_one(
@@ -179,7 +180,8 @@ def _run_one(
     row_check: Callable[[Any, str], Any] | None = None,
 ) -> tuple[ItemDone | ItemFailure, int | None]:
     """Run one item; ``row_check`` (mpipe.rows.as_row) for the last stage's values."""
-    ctx.key, ctx.attempt, ctx.io_s, ctx.cpu_wait_s = item.key, item.attempt, 0.0, 0.0
+    ctx.key, ctx.attempt = item.key, item.attempt
+    ctx.io_s, ctx.cpu_wait_s, ctx.output_commit_s = 0.0, 0.0, 0.0
     started_at = time.time()
     start = time.perf_counter()
 
@@ -240,6 +242,7 @@ def _run_one(
         io_s=ctx.io_s,
         cpu_wait_s=ctx.cpu_wait_s,
         started_at=started_at,
+        output_commit_s=ctx.output_commit_s,
     )
     return done, None
 

@@ -87,3 +87,11 @@ def helpers_view(x: int, ctx: Any) -> float:
     }
     ctx.path(f"helpers-{x}.json").write_text(json.dumps(view))
     return float(x)
+
+
+def write_outputs(x: int, ctx: Any) -> int:
+    """Four 1 MiB files through ``ctx.output_dir``, outside any ``ctx.io()`` block."""
+    with ctx.output_dir(f"out/{x}") as d:
+        for i in range(4):
+            (d / f"{i}.bin").write_bytes(os.urandom(1 << 20))
+    return x

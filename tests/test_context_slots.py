@@ -10,8 +10,12 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mpipe.context import SlotFlags, StageContext, StopFlag
 
@@ -67,3 +71,48 @@ def test_a_nested_block_in_one_thread_takes_nothing_more() -> None:
     with ctx.io(), ctx.io():
         assert io.get_value() == 0 and flags[0] == 1
     assert io.get_value() == 1 and flags[0] == 0
+
+
+@pytest.fixture
+def slow_commit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """ctx.output_dir's commit (fsync, rename) takes 0.3 s."""
+    from mpipe import outputs
+
+    @contextmanager
+    def atomic_dir(final: Path, *, fsync: bool) -> Iterator[Path]:
+        yield tmp_path
+        time.sleep(0.3)
+
+    monkeypatch.setattr(outputs, "atomic_dir", atomic_dir)
+
+
+@pytest.mark.usefixtures("slow_commit")
+def test_output_commit_time_is_io_counted_once() -> None:
+    # Outside any io() block the commit is IO the stage did not mark, and is
+    # added to io_s; inside one, the block's span counts it already.
+    ctx, _, _, _ = _context()
+    with ctx.output_dir("a"):
+        pass
+    assert 0.25 <= ctx.output_commit_s < 0.6 and 0.25 <= ctx.io_s < 0.6, ctx
+    ctx, _, _, _ = _context()
+    with ctx.io(), ctx.output_dir("a"):
+        pass
+    assert 0.25 <= ctx.output_commit_s < 0.6 and 0.25 <= ctx.io_s < 0.55, ctx
+
+
+@pytest.mark.usefixtures("slow_commit")
+def test_a_dask_task_counts_commits_and_nested_io_once() -> None:
+    from mpipe.dask_backend import DaskStageContext
+
+    def context() -> DaskStageContext:
+        return DaskStageContext(stage="s", worker="w", params={}, workdir=Path("."),
+                                fsync=True, allow_outside_workdir=False)
+
+    ctx = context()
+    with ctx.output_dir("a"):
+        pass
+    assert 0.25 <= ctx.output_commit_s < 0.6 and 0.25 <= ctx.io_s < 0.6, ctx
+    ctx = context()
+    with ctx.io(), ctx.io(), ctx.output_dir("a"):
+        pass
+    assert 0.25 <= ctx.output_commit_s < 0.6 and 0.25 <= ctx.io_s < 0.55, ctx

@@ -189,6 +189,9 @@ def test_local_cluster_gives_the_serial_results(tmp_path: Path) -> None:
     rows = doc["stages"]["compute"]["per_worker"]
     assert rows and all(re.fullmatch(r"tcp://127\.0\.0\.1:\d+", w) for w in rows), rows
     assert sum(r["items"] for r in rows.values()) == 3
+    # The notes' outputs are fsynced inside ctx.io(): counted in io_s once.
+    stats = doc["stages"]["compute"]
+    assert 0 < stats["output_commit_s"] <= stats["io_s"] <= stats["busy_s"], stats
 
 
 def test_at_most_workers_items_are_in_flight_on_the_cluster(tmp_path: Path) -> None:

@@ -233,6 +233,32 @@ def test_a_slow_stage_is_named_the_bottleneck(tmp_path: Path) -> None:
     assert re.search(r"^bottleneck: slow\b", again.stdout, re.M)
 
 
+def test_output_commits_reach_the_report_as_io(tmp_path: Path) -> None:
+    # The stage writes its outputs without ctx.io(): the time its
+    # ctx.output_dir blocks took to fsync and rename is still IO, all of it.
+    cfg = tmp_path / "write.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        pipeline: obs
+        workdir: .
+        params: {n: 4}
+        source: {fn: tests.observe_stages:numbers}
+        stages:
+          write: {fn: tests.observe_stages:write_outputs, workers: 1}
+        writer: {path: results.h5}
+        output_dirs: [out]
+        fsync: true
+        allowed_modules: [tests.observe_stages]
+        """))
+    proc = mpipe("run", cfg, "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    stage = read_report(tmp_path, "obs")["stages"]["write"]
+    assert stage["done"] == 4 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "0", "1", "2", "3"]
+    assert stage["output_commit_s"] > 0 and stage["io_s"] == pytest.approx(
+        stage["output_commit_s"], abs=1e-9), stage
+    assert stage["io_s"] <= stage["busy_s"]
+
+
 def _report(stages: dict[str, dict[str, Any]], *, wall: float = 10.0,
             cores: int = 2, cpu_slots: int = 2) -> dict[str, Any]:
     full = {}
@@ -256,6 +282,20 @@ def _report(stages: dict[str, dict[str, Any]], *, wall: float = 10.0,
     ({"a": {"busy_s": 1.0, "blocked_s": 6.0}, "b": {"busy_s": 9.5}}, "b", "compute",
      "raise stages.b.workers"),
     ({"a": {"busy_s": 1.0, "starved_s": 9.0}}, "source", "source", "source.fn"),
+    # IO mostly the outputs' fsyncs: other workers can compute meanwhile.
+    ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2,
+                  "io_slots": 2}}, "compute", "io",
+     "raise stages.compute.workers (now 2) toward 6 (3 x cpu_slots 2)"),
+    ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2,
+                  "io_slots": 1}}, "compute", "io",
+     "raise stages.compute.io_slots (now 1 for 2 workers): a worker waiting for its "
+     "outputs' fsyncs"),
+    ({"compute": {"busy_s": 57.0, "io_s": 45.0, "output_commit_s": 27.0, "workers": 6,
+                  "io_slots": 6}}, "compute", "io", "the disk's commits are the limit"),
+    # Under half of the IO: the plain IO advice.
+    ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 7.0, "workers": 2,
+                  "io_slots": 2}}, "compute", "io",
+     "raise stages.compute.workers (now 2) and its io_slots (now 2) while the disk keeps up"),
 ])
 def test_verdicts(stages: dict[str, dict[str, Any]], stage: str, kind: str, advice: str) -> None:
     verdict = analysis.bottleneck(_report(stages))
