@@ -105,6 +105,7 @@ def stage_metrics(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[name] = {
             "workers": workers,
             "io_slots": int(s.get("io_slots") or workers),
+            "backend": str(s.get("backend") or "local"),
             "items": int(s.get("done", 0)),
             "failed": int(s.get("failed", 0)),
             "retries": int(s.get("retries", 0)),
@@ -142,6 +143,7 @@ def bottleneck(report: dict[str, Any],
     m = stage_metrics(report) if metrics is None else metrics
     n_cores = cores(report)
     cpu_slots = int(report.get("cpu_slots") or n_cores)
+    fsync = bool(report.get("fsync", True))  # older reports name none: the default
     notes = _notes(report, m)
     if not m or sum(s["items"] for s in m.values()) == 0:
         return {"stage": None, "kind": "none", "notes": notes,
@@ -164,7 +166,7 @@ def bottleneck(report: dict[str, Any],
                           "fsync: false if a crash may cost the last few items",
             }
         culprit = names[k + 1]
-        verdict = _stage_verdict(culprit, m[culprit], n_cores, cpu_slots)
+        verdict = _stage_verdict(culprit, m[culprit], n_cores, cpu_slots, fsync=fsync)
         verdict["message"] = (f"{held} was blocked {m[held]['blocked_pct']:.0f}% of the time "
                               f"waiting for room in {culprit}'s queue; " + verdict["message"])
         verdict["notes"] = notes
@@ -187,13 +189,13 @@ def bottleneck(report: dict[str, Any],
                 "message": f"no stage was busy more than {BUSY_ENOUGH_PCT:.0f}% of the run "
                            f"(busiest: {busiest}, {m[busiest]['busy_pct']:.0f}%)",
                 "advice": "run more items for a measurement"}
-    verdict = _stage_verdict(busiest, m[busiest], n_cores, cpu_slots)
+    verdict = _stage_verdict(busiest, m[busiest], n_cores, cpu_slots, fsync=fsync)
     verdict["notes"] = notes
     return verdict
 
 
-def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int
-                   ) -> dict[str, Any]:
+def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *,
+                   fsync: bool = True) -> dict[str, Any]:
     workers = s["workers"]
     if s.get("queue_full_pct") is not None:
         head = (f"{name} was {s['busy_pct']:.0f}% busy and its input queue was full "
@@ -203,7 +205,8 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int
                 f"{s['starved_pct']:.0f}% of its worker-time")
     if (s["io_pct_of_busy"] >= IO_BOUND_PCT
             and s.get("output_commit_pct_of_io", 0.0) >= OUTPUT_COMMIT_PCT):
-        return _commit_verdict(name, s, head, cpu_slots)
+        return _commit_verdict(name, s, head, min(cpu_slots, n_cores),
+                               fsync=fsync)
     if s["io_pct_of_busy"] >= IO_BOUND_PCT:
         return {
             "stage": name, "kind": "io",
@@ -242,27 +245,33 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int
     }
 
 
-def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int
-                    ) -> dict[str, Any]:
-    """An IO-bound stage whose IO is mostly its outputs being made durable."""
+def _commit_verdict(name: str, s: dict[str, Any], head: str, slots: int, *,
+                    fsync: bool) -> dict[str, Any]:
+    """An IO-bound stage whose IO is mostly its ctx.output_dir commits.
+
+    ``slots``: the cpu slots the cores can fill.  On Dask neither cpu_slots
+    nor io_slots applies: the cluster's threads per worker bound the stage.
+    """
     workers, io_slots = s["workers"], s["io_slots"]
-    enough = WORKERS_PER_CPU_SLOT_FOR_COMMITS * cpu_slots
-    if io_slots < workers:
-        advice = (f"raise stages.{name}.io_slots (now {io_slots} for {workers} workers): "
-                  "a worker waiting for its outputs' fsyncs holds its io slot")
+    what = ("fsyncing its ctx.output_dir files and moving them into place" if fsync
+            else "moving its ctx.output_dir files into place")
+    unsafe = "; or set fsync: false if a crash may cost the last few items" if fsync else ""
+    enough = WORKERS_PER_CPU_SLOT_FOR_COMMITS * slots
+    if s.get("backend") == "dask":
+        advice = (f"raise stages.{name}.workers (now {workers}) while the cluster has "
+                  f"threads to spare: tasks waiting on the disk leave theirs idle{unsafe}")
     elif workers < enough:
-        advice = (f"raise stages.{name}.workers (now {workers}) toward {enough} (3 x "
-                  f"cpu_slots {cpu_slots}), with io_slots as high: while some workers "
-                  "wait for their fsyncs, others compute; or set fsync: false if a crash "
-                  "may cost the last few items")
+        advice = (f"raise stages.{name}.workers (now {workers}) toward {enough} "
+                  f"({WORKERS_PER_CPU_SLOT_FOR_COMMITS} per cpu slot, counting the other "
+                  "stages' workers): while some workers wait on the disk, others compute"
+                  + (f"; its io_slots (now {io_slots}) too, if the commits are inside "
+                     "ctx.io()" if io_slots < workers else "") + unsafe)
     else:
-        advice = ("the disk's commits are the limit: use faster storage, or set fsync: false "
-                  "if a crash may cost the last few items")
+        advice = f"the disk's commits are the limit: use faster storage{unsafe}"
     return {
         "stage": name, "kind": "io",
         "message": f"{head}; IO is {s['io_pct_of_busy']:.0f}% of its busy time, "
-                   f"{s['output_commit_pct_of_io']:.0f}% of that making its ctx.output_dir "
-                   "files durable and moving them into place",
+                   f"{s['output_commit_pct_of_io']:.0f}% of that {what}",
         "advice": advice,
     }
 

@@ -113,22 +113,71 @@ class SlotFlags:
         return bool(self.array[self.slot * 2 + which])
 
 
+class TimeSpans:
+    """Seconds during which at least one block was open, in any thread.
+
+    Blocks that overlap, nested or in other threads, count once: a worker's IO
+    is the time it spent waiting for its files, however many of its threads
+    waited together.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+        self._since = 0.0
+        self.total = 0.0
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._open == 0:
+                self._since = time.perf_counter()
+            self._open += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                self.total += time.perf_counter() - self._since
+
+    def reset(self) -> None:
+        """Start counting anew (a new item); blocks still open count from now."""
+        with self._lock:
+            self.total = 0.0
+            if self._open:
+                self._since = time.perf_counter()
+
+
 class WorkdirPaths:
-    """``path()`` and ``output_dir()``: the same for a local worker and a Dask task."""
+    """``path()`` and ``output_dir()``, and the item's times: the same for a local
+    worker and a Dask task."""
 
     workdir: Path
     allow_outside_workdir: bool
     fsync: bool
-    io_s: float
-    # Seconds this item's output_dir blocks spent, once the stage's code was
-    # done with them, making the files durable (fsync) and moving them into
-    # place: waiting for the disk, like IO.  Counted in io_s as well when no
-    # io() block already counts it, so a stage that writes its outputs outside
-    # ctx.io() is not taken for compute-bound (mpipe.analysis).
-    output_commit_s: float
+    cpu_wait_s: float
+    # The worker's IO: its io() blocks and its output_dir commits.  A commit
+    # is the time an output_dir block takes, once the stage's code is done
+    # with it, to fsync the files (if fsync), rename the directory into place
+    # and remove an older one: waiting for the disk, counted as IO even
+    # outside ctx.io(), so that a stage writing its outputs there is not taken
+    # for compute-bound (mpipe.analysis).
+    _io_spans: TimeSpans
+    _commit_spans: TimeSpans
 
-    def _in_io_block(self) -> bool:
-        raise NotImplementedError
+    @property
+    def io_s(self) -> float:
+        return self._io_spans.total
+
+    @property
+    def output_commit_s(self) -> float:
+        """Of io_s, the output_dir commits'."""
+        return self._commit_spans.total
+
+    def reset_times(self) -> None:
+        """Zero the times, for the next item."""
+        self._io_spans.reset()
+        self._commit_spans.reset()
+        self.cpu_wait_s = 0.0
 
     def path(self, relative: str | Path) -> Path:
         """``relative`` resolved inside the workdir (escapes are refused)."""
@@ -143,14 +192,17 @@ class WorkdirPaths:
         the directory is renamed to ``relative``.
         """
         final = self.path(relative)
-        with outputs.atomic_dir(final, fsync=self.fsync) as tmp:
-            yield tmp
-            committing = time.perf_counter()
-            counted = self._in_io_block()
-        spent = time.perf_counter() - committing
-        self.output_commit_s += spent
-        if not counted:
-            self.io_s += spent
+        committing = False
+        try:
+            with outputs.atomic_dir(final, fsync=self.fsync) as tmp:
+                yield tmp
+                committing = True
+                self._io_spans.enter()
+                self._commit_spans.enter()
+        finally:
+            if committing:  # a failed commit took its time too
+                self._commit_spans.exit()
+                self._io_spans.exit()
 
 
 @dataclass
@@ -167,17 +219,16 @@ class StageContext(WorkdirPaths):
     flags: SlotFlags
     key: str = ""
     attempt: int = 1
-    io_s: float = 0.0
     cpu_wait_s: float = 0.0
-    output_commit_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    _io_spans: TimeSpans = field(default_factory=TimeSpans, repr=False)
+    _commit_spans: TimeSpans = field(default_factory=TimeSpans, repr=False)
     # A slot is the worker's (io_slots and cpu_slots count workers): its
     # first block takes it, blocks inside it, nested or in other threads of
     # the worker, share it, the last one out gives it back.  Per kind: how
-    # many blocks are in, since when the worker has wanted the slot, and a
-    # lock so that a second thread waits while the first one waits for it.
+    # many blocks are in, and a lock so that a second thread waits while the
+    # first one waits for it.
     _inside: list[int] = field(default_factory=lambda: [0, 0], repr=False)
-    _since: list[float] = field(default_factory=lambda: [0.0, 0.0], repr=False)
     _gates: tuple[threading.Lock, threading.Lock] = field(
         default_factory=lambda: (threading.Lock(), threading.Lock()), repr=False)
 
@@ -201,15 +252,17 @@ class StageContext(WorkdirPaths):
         # The shared flag says "this worker holds one" while any block is in:
         # the runner gives back exactly one if the worker dies.  The times are
         # the worker's, counted once however many threads: io_s from the
-        # first block's start (its wait included) to the last one's end,
-        # cpu_wait_s the first block's wait for the slot.
+        # first block's start (its wait included) to the last one's end
+        # (TimeSpans, which output_dir's commits join), cpu_wait_s the first
+        # block's wait for the slot.
         with self._gates[which]:
             if self._inside[which] == 0:
                 # Timed from here: a wait at the gate overlaps another span.
                 start = time.perf_counter()
+                if which == IO_FLAG:
+                    self._io_spans.enter()
                 semaphore.acquire()
                 self.flags.set(which, True)
-                self._since[which] = start
                 if which == CPU_FLAG:
                     self.cpu_wait_s += time.perf_counter() - start
             self._inside[which] += 1
@@ -222,12 +275,8 @@ class StageContext(WorkdirPaths):
                     self.flags.set(which, False)
                     semaphore.release()
                     if which == IO_FLAG:
-                        self.io_s += time.perf_counter() - self._since[which]
+                        self._io_spans.exit()
 
     def stop_requested(self) -> bool:
         """True once the run is stopping: long stages may return early."""
         return self.stop_event.is_set()
-
-    def _in_io_block(self) -> bool:
-        # Any thread's: io_s counts the worker's io() span, whoever is in it.
-        return self._inside[IO_FLAG] > 0

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipe import allocator, imports, procs
-from mpipe.context import WorkdirPaths
+from mpipe.context import TimeSpans, WorkdirPaths
 from mpipe.errors import ConfigError, MpipeError, PipelineBrokenError
 from mpipe.messages import ItemDone, ItemFailure, WorkItem
 from mpipe.retry import settle_failed_attempt
@@ -337,26 +337,19 @@ class DaskStageContext(WorkdirPaths):
     allow_outside_workdir: bool
     key: str = ""
     attempt: int = 1
-    io_s: float = 0.0
     cpu_wait_s: float = 0.0
-    output_commit_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
-    _io_depth: int = field(default=0, repr=False)
+    _io_spans: TimeSpans = field(default_factory=TimeSpans, repr=False)
+    _commit_spans: TimeSpans = field(default_factory=TimeSpans, repr=False)
 
     @contextmanager
     def io(self) -> Iterator[None]:
-        # Nested blocks count once, as on the local backend.
-        start = time.perf_counter()
-        self._io_depth += 1
+        # Blocks that overlap (nested, other threads) count once, as locally.
+        self._io_spans.enter()
         try:
             yield
         finally:
-            self._io_depth -= 1
-            if self._io_depth == 0:
-                self.io_s += time.perf_counter() - start
-
-    def _in_io_block(self) -> bool:
-        return self._io_depth > 0
+            self._io_spans.exit()
 
     @contextmanager
     def cpu(self) -> Iterator[None]:

@@ -3,7 +3,7 @@
 Written atomically (temporary file, then rename) to ``--report PATH`` if given
 and always to ``<workdir>/.mpipe/<pipeline>/last-run.json``.  It holds the
 counts, every failure with its traceback, each stage's accounting (busy, IO,
-cpu wait, starved, blocked, per worker) with its timeline of finished items
+cpu wait, output commits, starved, blocked, per worker) with its timeline of finished items
 (``[worker, key, started_at, busy_s, io_s, cpu_wait_s]``, wall clock), and
 under ``analysis`` the shares and the bottleneck verdict of
 :mod:`mpipe.analysis`.  ``mpipe report REPORT.json`` prints its summary again,
@@ -40,6 +40,7 @@ def build(loaded: LoadedConfig, result: RunResult, exit_code: int, started_at: f
         entry["workers"] = stats.workers or loaded.worker_count(name)
         entry["io_slots"] = loaded.config.stages[name].io_slots or entry["workers"]
         entry["queue_size"] = loaded.config.stages[name].queue_size
+        entry["backend"] = loaded.stage_backend(name)
         stages[name] = entry
     doc: dict[str, Any] = {
         "pipeline": loaded.config.pipeline,
@@ -73,6 +74,7 @@ def build(loaded: LoadedConfig, result: RunResult, exit_code: int, started_at: f
         ],
         "cores": usable_cores(),
         "cpu_slots": loaded.cpu_slot_count(),
+        "fsync": loaded.config.fsync,
         "stages": stages,
         "results_path": result.results_path,
         "versions": {**versions(),

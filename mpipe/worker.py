@@ -170,9 +170,15 @@ class RunContext(Protocol):
     worker: str
     key: str
     attempt: int
-    io_s: float
     cpu_wait_s: float
-    output_commit_s: float
+
+    @property
+    def io_s(self) -> float: ...
+
+    @property
+    def output_commit_s(self) -> float: ...
+
+    def reset_times(self) -> None: ...
 
 
 def _run_one(
@@ -181,7 +187,7 @@ def _run_one(
 ) -> tuple[ItemDone | ItemFailure, int | None]:
     """Run one item; ``row_check`` (mpipe.rows.as_row) for the last stage's values."""
     ctx.key, ctx.attempt = item.key, item.attempt
-    ctx.io_s, ctx.cpu_wait_s, ctx.output_commit_s = 0.0, 0.0, 0.0
+    ctx.reset_times()
     started_at = time.time()
     start = time.perf_counter()
 
