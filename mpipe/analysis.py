@@ -7,8 +7,10 @@ makes, or the same document read back from JSON), so that ``mpipe run``,
 The runner accounts, per stage (see :class:`mpipe.pool.StageStats`):
 
 * ``busy_s``: worker-seconds spent on items, of which ``io_s`` inside
-  ``ctx.io()`` (waiting for an io slot included) and ``cpu_wait_s`` waiting for
-  a cpu slot; the rest is compute;
+  ``ctx.io()`` (waiting for an io slot included) or committing a
+  ``ctx.output_dir`` (``output_commit_s``: fsync if on, rename), counted once
+  where they overlap, and ``cpu_wait_s`` waiting for a cpu slot; the rest is
+  compute;
 * ``starved_s``: worker-seconds idle because the stage's input queue was empty;
 * ``blocked_s``: seconds during which the stage had input and idle workers but
   no room downstream for another result.
@@ -40,9 +42,9 @@ STARVED_PCT = 50.0
 IO_BOUND_PCT = 50.0
 # Waiting for a cpu slot this share of busy time: the cores are saturated.
 CPU_WAIT_PCT = 25.0
-# Of an IO-bound stage's IO, this share making ctx.output_dir's files durable:
-# the wait is for the disk's commits, which other workers can overlap with
-# compute.  Up to about 3 workers per cpu slot paid on the notes' workload
+# Of an IO-bound stage's IO, this share committing ctx.output_dir's files
+# (fsync, rename): a wait for the disk's commits, which other workers can
+# overlap with compute.  Up to 3 workers per core paid on the notes' workload
 # (docs/BENCHMARKS.md, "Durable outputs").
 OUTPUT_COMMIT_PCT = 50.0
 WORKERS_PER_CPU_SLOT_FOR_COMMITS = 3
@@ -150,6 +152,7 @@ def bottleneck(report: dict[str, Any],
                 "message": "no item went through the stages: nothing to measure",
                 "advice": ""}
     names = list(m)
+    local_workers = sum(s["workers"] for s in m.values() if s["backend"] == "local")
 
     blocked = [n for n in names if m[n]["blocked_pct"] >= BLOCKED_PCT]
     if blocked:
@@ -162,11 +165,11 @@ def bottleneck(report: dict[str, Any],
                 "message": f"{held} had input and idle workers but nowhere to put results "
                            f"{m[held]['blocked_pct']:.0f}% of the time: the consumer and writer "
                            "do not keep up",
-                "advice": "raise writer.queue_size, make consumer.fn cheaper, or set "
-                          "fsync: false if a crash may cost the last few items",
+                "advice": "raise writer.queue_size, make consumer.fn cheaper" + _or_no_fsync(fsync),
             }
         culprit = names[k + 1]
-        verdict = _stage_verdict(culprit, m[culprit], n_cores, cpu_slots, fsync=fsync)
+        verdict = _stage_verdict(culprit, m[culprit], n_cores, cpu_slots, fsync=fsync,
+                                 local_workers=local_workers)
         verdict["message"] = (f"{held} was blocked {m[held]['blocked_pct']:.0f}% of the time "
                               f"waiting for room in {culprit}'s queue; " + verdict["message"])
         verdict["notes"] = notes
@@ -189,13 +192,15 @@ def bottleneck(report: dict[str, Any],
                 "message": f"no stage was busy more than {BUSY_ENOUGH_PCT:.0f}% of the run "
                            f"(busiest: {busiest}, {m[busiest]['busy_pct']:.0f}%)",
                 "advice": "run more items for a measurement"}
-    verdict = _stage_verdict(busiest, m[busiest], n_cores, cpu_slots, fsync=fsync)
+    verdict = _stage_verdict(busiest, m[busiest], n_cores, cpu_slots, fsync=fsync,
+                             local_workers=local_workers)
     verdict["notes"] = notes
     return verdict
 
 
 def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *,
-                   fsync: bool = True) -> dict[str, Any]:
+                   fsync: bool, local_workers: int) -> dict[str, Any]:
+    """``local_workers``: the pipeline's, all stages' on this machine."""
     workers = s["workers"]
     if s.get("queue_full_pct") is not None:
         head = (f"{name} was {s['busy_pct']:.0f}% busy and its input queue was full "
@@ -205,8 +210,8 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *
                 f"{s['starved_pct']:.0f}% of its worker-time")
     if (s["io_pct_of_busy"] >= IO_BOUND_PCT
             and s.get("output_commit_pct_of_io", 0.0) >= OUTPUT_COMMIT_PCT):
-        return _commit_verdict(name, s, head, min(cpu_slots, n_cores),
-                               fsync=fsync)
+        return _commit_verdict(name, s, head, min(cpu_slots, n_cores), fsync=fsync,
+                               local_workers=local_workers)
     if s["io_pct_of_busy"] >= IO_BOUND_PCT:
         return {
             "stage": name, "kind": "io",
@@ -245,35 +250,46 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *
     }
 
 
-def _commit_verdict(name: str, s: dict[str, Any], head: str, slots: int, *,
-                    fsync: bool) -> dict[str, Any]:
+def _commit_verdict(name: str, s: dict[str, Any], head: str, slots: int, *, fsync: bool,
+                    local_workers: int) -> dict[str, Any]:
     """An IO-bound stage whose IO is mostly its ctx.output_dir commits.
 
-    ``slots``: the cpu slots the cores can fill.  On Dask neither cpu_slots
-    nor io_slots applies: the cluster's threads per worker bound the stage.
+    ``slots``: the cpu slots the cores can fill; the target is the pipeline's
+    local workers, all stages', at WORKERS_PER_CPU_SLOT_FOR_COMMITS per slot.
+    On Dask neither cpu_slots nor io_slots applies: by default a stage has as
+    many workers as the cluster has threads (DISTRIBUTED.md).
     """
     workers, io_slots = s["workers"], s["io_slots"]
     what = ("fsyncing its ctx.output_dir files and moving them into place" if fsync
             else "moving its ctx.output_dir files into place")
-    unsafe = "; or set fsync: false if a crash may cost the last few items" if fsync else ""
+    unsafe = _or_no_fsync(fsync)
     enough = WORKERS_PER_CPU_SLOT_FOR_COMMITS * slots
+    io_hint = (f"raise stages.{name}.io_slots (now {io_slots}) to its workers if the commits "
+               "are inside ctx.io()" if io_slots < workers else "")
     if s.get("backend") == "dask":
-        advice = (f"raise stages.{name}.workers (now {workers}) while the cluster has "
-                  f"threads to spare: tasks waiting on the disk leave theirs idle{unsafe}")
-    elif workers < enough:
-        advice = (f"raise stages.{name}.workers (now {workers}) toward {enough} "
-                  f"({WORKERS_PER_CPU_SLOT_FOR_COMMITS} per cpu slot, counting the other "
-                  "stages' workers): while some workers wait on the disk, others compute"
-                  + (f"; its io_slots (now {io_slots}) too, if the commits are inside "
-                     "ctx.io()" if io_slots < workers else "") + unsafe)
+        advice = ("give the Dask workers more threads than cores (dask worker --nthreads) "
+                  f"and raise stages.{name}.workers (now {workers}) to match: tasks waiting "
+                  f"on the disk leave their threads idle{unsafe}")
+    elif local_workers < enough:
+        advice = (f"raise stages.{name}.workers (now {workers}) toward "
+                  f"{workers + enough - local_workers}, for {enough} local workers in all "
+                  f"({WORKERS_PER_CPU_SLOT_FOR_COMMITS} per cpu slot the cores can fill: "
+                  f"{slots}): while some wait on the disk, others compute"
+                  + (f"; {io_hint}" if io_hint else "") + unsafe)
     else:
-        advice = f"the disk's commits are the limit: use faster storage{unsafe}"
+        advice = ((f"{io_hint}; else " if io_hint else "")
+                  + f"the disk's commits are the limit: use faster storage{unsafe}")
     return {
         "stage": name, "kind": "io",
         "message": f"{head}; IO is {s['io_pct_of_busy']:.0f}% of its busy time, "
                    f"{s['output_commit_pct_of_io']:.0f}% of that {what}",
         "advice": advice,
     }
+
+
+def _or_no_fsync(fsync: bool) -> str:
+    """The last resort against waiting for the disk, where there is one to offer."""
+    return "; or set fsync: false if a crash may cost the last few items" if fsync else ""
 
 
 def _notes(report: dict[str, Any], m: dict[str, dict[str, Any]]) -> list[str]:

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,7 +119,8 @@ class TimeSpans:
 
     Blocks that overlap, nested or in other threads, count once: a worker's IO
     is the time it spent waiting for its files, however many of its threads
-    waited together.
+    waited together.  ``enter`` and ``exit`` take the time they are given, so
+    that two spans of the same block read one clock.
     """
 
     def __init__(self) -> None:
@@ -126,18 +128,19 @@ class TimeSpans:
         self._open = 0
         self._since = 0.0
         self.total = 0.0
+        _every_span.add(self)
 
-    def enter(self) -> None:
+    def enter(self, now: float | None = None) -> None:
         with self._lock:
             if self._open == 0:
-                self._since = time.perf_counter()
+                self._since = time.perf_counter() if now is None else now
             self._open += 1
 
-    def exit(self) -> None:
+    def exit(self, now: float | None = None) -> None:
         with self._lock:
             self._open -= 1
             if self._open == 0:
-                self.total += time.perf_counter() - self._since
+                self.total += (time.perf_counter() if now is None else now) - self._since
 
     def reset(self) -> None:
         """Start counting anew (a new item); blocks still open count from now."""
@@ -145,6 +148,28 @@ class TimeSpans:
             self.total = 0.0
             if self._open:
                 self._since = time.perf_counter()
+
+    # A context handed to a pickling library keeps its times, not its lock.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        _every_span.add(self)
+
+
+# A stage may fork (its own multiprocessing.Pool) while another of its threads
+# holds a span's lock: the child gets every lock anew, as outputs does its own.
+_every_span: weakref.WeakSet[TimeSpans] = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    for span in list(_every_span):
+        span._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 class WorkdirPaths:
@@ -196,13 +221,15 @@ class WorkdirPaths:
         try:
             with outputs.atomic_dir(final, fsync=self.fsync) as tmp:
                 yield tmp
+                now = time.perf_counter()
+                self._io_spans.enter(now)
+                self._commit_spans.enter(now)
                 committing = True
-                self._io_spans.enter()
-                self._commit_spans.enter()
         finally:
             if committing:  # a failed commit took its time too
-                self._commit_spans.exit()
-                self._io_spans.exit()
+                now = time.perf_counter()
+                self._commit_spans.exit(now)
+                self._io_spans.exit(now)
 
 
 @dataclass
@@ -260,8 +287,13 @@ class StageContext(WorkdirPaths):
                 # Timed from here: a wait at the gate overlaps another span.
                 start = time.perf_counter()
                 if which == IO_FLAG:
-                    self._io_spans.enter()
-                semaphore.acquire()
+                    self._io_spans.enter(start)
+                try:
+                    semaphore.acquire()
+                except BaseException:  # a stage's own signal handler raising
+                    if which == IO_FLAG:
+                        self._io_spans.exit()
+                    raise
                 self.flags.set(which, True)
                 if which == CPU_FLAG:
                     self.cpu_wait_s += time.perf_counter() - start
@@ -273,9 +305,11 @@ class StageContext(WorkdirPaths):
                 self._inside[which] -= 1
                 if self._inside[which] == 0:
                     self.flags.set(which, False)
-                    semaphore.release()
-                    if which == IO_FLAG:
-                        self._io_spans.exit()
+                    try:
+                        semaphore.release()
+                    finally:
+                        if which == IO_FLAG:
+                            self._io_spans.exit()
 
     def stop_requested(self) -> bool:
         """True once the run is stopping: long stages may return early."""

@@ -133,8 +133,8 @@ class ItemDone(NamedTuple):
     io_s: float
     cpu_wait_s: float
     started_at: float = 0.0  # wall clock (time.time()), for the run's timeline
-    # Of busy_s, the stage's ctx.output_dir blocks making their files durable
-    # and moving them into place (in io_s too).  Last, with a default: an
+    # Of io_s, the stage's ctx.output_dir blocks committing their files (fsync if on,
+    # rename), once its code was done with them.  Last, with a default: an
     # ItemDone from an older Dask worker unpickles without it.
     output_commit_s: float = 0.0
 

@@ -89,7 +89,7 @@ class StageStats:
     busy_s: float = 0.0
     io_s: float = 0.0
     cpu_wait_s: float = 0.0
-    output_commit_s: float = 0.0  # of io_s: outputs made durable and moved into place
+    output_commit_s: float = 0.0  # of io_s: ctx.output_dir commits (fsync if on, rename)
     starved_s: float = 0.0  # worker-seconds idle because the input queue was empty
     blocked_s: float = 0.0  # seconds with input waiting but no room downstream
     queue_full_s: float = 0.0  # seconds the input queue was at its queue_size

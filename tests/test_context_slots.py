@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -106,35 +106,92 @@ def test_output_commit_time_is_io_counted_once() -> None:
     assert 0.3 <= ctx.output_commit_s <= ctx.io_s < 1.5 * ctx.output_commit_s, ctx
 
 
-@pytest.mark.usefixtures("slow_commit")
-def test_commits_and_io_in_threads_count_the_time_spent_once() -> None:
-    # Four threads commit at once: 0.3 s of the worker's time, not 1.2.
+def _commit_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                 during: Callable[[], None]) -> None:
+    """ctx.output_dir's commit runs ``during`` (it waits on the test's events)."""
+    from mpipe import outputs
+
+    @contextmanager
+    def atomic_dir(final: Path, *, fsync: bool) -> Iterator[Path]:
+        yield tmp_path
+        during()
+
+    monkeypatch.setattr(outputs, "atomic_dir", atomic_dir)
+
+
+def _run_threads(*targets: Callable[[], None]) -> None:
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+
+def test_commits_in_threads_at_once_count_once(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    # Four threads commit together (a barrier inside the commit): the time is
+    # the worker's, not four times it.
+    together = threading.Barrier(4, timeout=10)
+    _commit_hook(monkeypatch, tmp_path, lambda: (together.wait(), time.sleep(0.3)))
     ctx, _, _, _ = _context()
 
     def commit() -> None:
         with ctx.output_dir("a"):
             pass
 
-    _in_threads(commit, [(), (), (), ()])
-    assert 0.3 <= ctx.output_commit_s < 0.9 and _same(ctx.io_s, ctx.output_commit_s), ctx
-    # One thread in io() for 0.6 s, another committing inside that time
-    # (outside io()): 0.6 s of IO, of it 0.3 s of commit; not 0.9 s.
+    start = time.perf_counter()
+    _run_threads(commit, commit, commit, commit)
+    wall = time.perf_counter() - start
+    assert 0.3 <= ctx.output_commit_s <= wall and ctx.io_s == ctx.output_commit_s, ctx
+
+
+def test_a_commit_and_an_io_block_in_two_threads_count_their_union(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     ctx, _, _, _ = _context()
+    committing, io_done, io_entered = threading.Event(), threading.Event(), threading.Event()
 
-    def read() -> None:
+    def commit() -> None:
+        with ctx.output_dir("a"):
+            pass
+
+    # An io() block of 0.05 s inside another thread's commit (outside io()):
+    # the IO is the commit's span, not the commit plus the block.
+    def hold_until_io_done() -> None:
+        committing.set()
+        io_done.wait(10)
+
+    def short_io() -> None:
+        committing.wait(10)
         with ctx.io():
-            time.sleep(0.6)
+            time.sleep(0.05)
+        io_done.set()
 
-    def late_commit() -> None:
-        time.sleep(0.1)
+    _commit_hook(monkeypatch, tmp_path, hold_until_io_done)
+    _run_threads(commit, short_io)
+    assert ctx.output_commit_s >= 0.05 and ctx.io_s == ctx.output_commit_s, ctx
+
+    # A commit that goes on after another thread's io() block has ended: IO
+    # from the block's start to the commit's end, not the block alone.
+    ctx, _, _, _ = _context()
+    committing.clear()
+    _commit_hook(monkeypatch, tmp_path, lambda: (committing.set(), time.sleep(0.3)))
+    spans: list[float] = []
+
+    def io_then_leave() -> None:
+        start = time.perf_counter()
+        with ctx.io():
+            io_entered.set()
+            committing.wait(10)
+        spans.append(start)
+
+    def commit_once_io_entered() -> None:
+        io_entered.wait(10)
         commit()
+        spans.append(time.perf_counter())
 
-    threads = [threading.Thread(target=read), threading.Thread(target=late_commit)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert ctx.output_commit_s >= 0.3 and 0.6 <= ctx.io_s < 0.85, ctx
+    _run_threads(io_then_leave, commit_once_io_entered)
+    assert ctx.output_commit_s >= 0.3, ctx
+    assert ctx.output_commit_s <= ctx.io_s <= spans[1] - spans[0], (ctx, spans)
 
 
 @pytest.mark.usefixtures("slow_commit")
@@ -174,3 +231,55 @@ def test_a_failed_commit_still_counts_its_time(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(OSError), ctx.output_dir("a"):
         pass
     assert ctx.output_commit_s >= 0.3 and _same(ctx.io_s, ctx.output_commit_s), ctx
+
+
+def test_an_io_slot_wait_that_raises_leaves_no_span_open() -> None:
+    # A stage's own signal handler may raise while the worker waits for its
+    # io slot: the worker's later items must still count their IO.
+    ctx, _, real, _ = _context()
+
+    class Interrupted(Exception):
+        pass
+
+    class RaisingOnce:
+        def acquire(self) -> None:
+            raise Interrupted
+
+    ctx.io_semaphore = RaisingOnce()  # type: ignore[assignment]
+    with pytest.raises(Interrupted), ctx.io():
+        pass
+    ctx.io_semaphore = real
+    ctx.reset_times()
+    with ctx.io():
+        time.sleep(0.05)
+    assert ctx.io_s >= 0.05 and real.get_value() == 1, ctx
+
+
+def test_a_child_forked_while_a_span_is_locked_can_count(tmp_path: Path) -> None:
+    # A stage that forks (its own multiprocessing.Pool) while another of its
+    # threads holds a span's lock: the child gets the lock anew, or its first
+    # ctx.io() would wait for ever.
+    import os
+    import select
+    import signal
+
+    ctx, _, _, _ = _context()
+    ctx._io_spans._lock.acquire()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            with ctx.io():
+                pass
+            os.write(write_end, b"ok")
+        finally:
+            os._exit(0)
+    ctx._io_spans._lock.release()
+    os.close(write_end)
+    ready, _, _ = select.select([read_end], [], [], 10)
+    answer = os.read(read_end, 2) if ready else b""
+    os.close(read_end)
+    if not answer:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert answer == b"ok"

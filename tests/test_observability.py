@@ -287,15 +287,28 @@ def _report(stages: dict[str, dict[str, Any]], *, wall: float = 10.0,
     # IO mostly the outputs' commits: other workers can compute meanwhile.
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2,
                   "io_slots": 2}}, "compute", "io",
-     "raise stages.compute.workers (now 2) toward 6 (3 per cpu slot"),
+     "raise stages.compute.workers (now 2) toward 6, for 6 local workers in all (3 per cpu "
+     "slot the cores can fill: 2)"),
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2,
                   "io_slots": 1}}, "compute", "io",
-     "its io_slots (now 1) too, if the commits are inside ctx.io()"),
+     "; raise stages.compute.io_slots (now 1) to its workers if the commits are inside "
+     "ctx.io()"),
     ({"compute": {"busy_s": 57.0, "io_s": 45.0, "output_commit_s": 27.0, "workers": 6,
                   "io_slots": 6}}, "compute", "io", "the disk's commits are the limit"),
+    ({"compute": {"busy_s": 57.0, "io_s": 45.0, "output_commit_s": 27.0, "workers": 6,
+                  "io_slots": 1}}, "compute", "io",
+     "raise stages.compute.io_slots (now 1) to its workers if the commits are inside "
+     "ctx.io(); else the disk's commits are the limit"),
+    # Other stages' workers count toward the 3 per cpu slot.
+    ({"read": {"busy_s": 2.0, "workers": 2},
+      "compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2}},
+     "compute", "io", "raise stages.compute.workers (now 2) toward 4, for 6 local workers"),
+    ({"read": {"busy_s": 2.0, "workers": 4},
+      "compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2}},
+     "compute", "io", "the disk's commits are the limit"),
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2,
                   "backend": "dask"}}, "compute", "io",
-     "raise stages.compute.workers (now 2) while the cluster has threads to spare"),
+     "give the Dask workers more threads than cores"),
     # Under half of the IO: the plain IO advice.
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 7.0, "workers": 2,
                   "io_slots": 2}}, "compute", "io",
@@ -312,11 +325,17 @@ def test_the_commit_verdict_follows_fsync_and_the_cpu_slots_the_cores_can_fill()
     report = _report({"compute": stage}, cores=2, cpu_slots=8)
     verdict = analysis.bottleneck(report)
     assert "fsyncing its ctx.output_dir files" in verdict["message"]
-    assert "toward 6 " in verdict["advice"] and "fsync: false" in verdict["advice"], verdict
+    assert "toward 6, for 6 local workers" in verdict["advice"], verdict
+    assert "fsync: false" in verdict["advice"], verdict
     report["fsync"] = False  # renames only: nothing to say about fsync
     verdict = analysis.bottleneck(report)
     assert "moving its ctx.output_dir files into place" in verdict["message"]
     assert "fsync" not in verdict["message"] + verdict["advice"], verdict
+    # Nor to the writer's verdict.
+    report = _report({"a": {"busy_s": 2.0, "blocked_s": 7.0}})
+    assert "fsync: false" in analysis.bottleneck(report)["advice"]
+    report["fsync"] = False
+    assert "fsync" not in analysis.bottleneck(report)["advice"]
 
 
 def test_verdict_uses_queue_fullness_when_the_runner_reports_it() -> None:

@@ -87,7 +87,7 @@ def test_what_as_row_met_on_the_way_decides_whether_to_retry() -> None:
 
     def retryable(value: object) -> bool:
         ctx = SimpleNamespace(stage="last", worker="w", key="", attempt=0, io_s=0.0,
-                              cpu_wait_s=0.0)
+                              cpu_wait_s=0.0, output_commit_s=0.0, reset_times=lambda: None)
         reply, _ = _run_one(lambda _: value, False, ctx, WorkItem(0, "k", 1, dumps(0)),
                             row_check=as_row)
         assert isinstance(reply, ItemFailure) and reply.kind == "result", reply
