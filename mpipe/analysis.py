@@ -26,6 +26,7 @@ part of it before the first item (every worker idle then) is taken off.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from mpipe.cores import usable_cores
@@ -152,7 +153,6 @@ def bottleneck(report: dict[str, Any],
                 "message": "no item went through the stages: nothing to measure",
                 "advice": ""}
     names = list(m)
-    local_workers = sum(s["workers"] for s in m.values() if s["backend"] == "local")
 
     blocked = [n for n in names if m[n]["blocked_pct"] >= BLOCKED_PCT]
     if blocked:
@@ -169,7 +169,7 @@ def bottleneck(report: dict[str, Any],
             }
         culprit = names[k + 1]
         verdict = _stage_verdict(culprit, m[culprit], n_cores, cpu_slots, fsync=fsync,
-                                 local_workers=local_workers)
+                                 others_busy=_others_busy(m, culprit))
         verdict["message"] = (f"{held} was blocked {m[held]['blocked_pct']:.0f}% of the time "
                               f"waiting for room in {culprit}'s queue; " + verdict["message"])
         verdict["notes"] = notes
@@ -193,14 +193,14 @@ def bottleneck(report: dict[str, Any],
                            f"(busiest: {busiest}, {m[busiest]['busy_pct']:.0f}%)",
                 "advice": "run more items for a measurement"}
     verdict = _stage_verdict(busiest, m[busiest], n_cores, cpu_slots, fsync=fsync,
-                             local_workers=local_workers)
+                             others_busy=_others_busy(m, busiest))
     verdict["notes"] = notes
     return verdict
 
 
 def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *,
-                   fsync: bool, local_workers: int) -> dict[str, Any]:
-    """``local_workers``: the pipeline's, all stages' on this machine."""
+                   fsync: bool, others_busy: int) -> dict[str, Any]:
+    """``others_busy``: the other stages' workers busy on this machine's cores."""
     workers = s["workers"]
     if s.get("queue_full_pct") is not None:
         head = (f"{name} was {s['busy_pct']:.0f}% busy and its input queue was full "
@@ -208,10 +208,9 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *
     else:
         head = (f"{name} was {s['busy_pct']:.0f}% busy and waited for input "
                 f"{s['starved_pct']:.0f}% of its worker-time")
-    if (s["io_pct_of_busy"] >= IO_BOUND_PCT
+    if (fsync and s["io_pct_of_busy"] >= IO_BOUND_PCT
             and s.get("output_commit_pct_of_io", 0.0) >= OUTPUT_COMMIT_PCT):
-        return _commit_verdict(name, s, head, min(cpu_slots, n_cores), fsync=fsync,
-                               local_workers=local_workers)
+        return _commit_verdict(name, s, head, cpu_slots, n_cores, others_busy=others_busy)
     if s["io_pct_of_busy"] >= IO_BOUND_PCT:
         return {
             "stage": name, "kind": "io",
@@ -250,31 +249,47 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *
     }
 
 
-def _commit_verdict(name: str, s: dict[str, Any], head: str, slots: int, *, fsync: bool,
-                    local_workers: int) -> dict[str, Any]:
-    """An IO-bound stage whose IO is mostly its ctx.output_dir commits.
+def _others_busy(m: dict[str, dict[str, Any]], name: str) -> int:
+    """The other stages' workers on this machine, as many as were busy on average.
 
-    ``slots``: the cpu slots the cores can fill; the target is the pipeline's
-    local workers, all stages', at WORKERS_PER_CPU_SLOT_FOR_COMMITS per slot.
-    On Dask neither cpu_slots nor io_slots applies: by default a stage has as
-    many workers as the cluster has threads (DISTRIBUTED.md).
+    Dask stages are left out: their workers are the cluster's (a LocalCluster's
+    share these cores too, but its threads are not mpipe's to count).
+    """
+    return sum(math.ceil(s["workers"] * s["busy_pct"] / 100.0)
+               for n, s in m.items() if n != name and s["backend"] == "local")
+
+
+def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int, n_cores: int,
+                    *, others_busy: int) -> dict[str, Any]:
+    """An IO-bound stage, fsync on, whose IO is mostly its ctx.output_dir commits.
+
+    The target: WORKERS_PER_CPU_SLOT_FOR_COMMITS workers per cpu slot the cores
+    can fill, the other stages' busy workers included.  On Dask neither
+    cpu_slots nor io_slots applies: by default a stage has as many workers as
+    the cluster has threads (DISTRIBUTED.md).
     """
     workers, io_slots = s["workers"], s["io_slots"]
-    what = ("fsyncing its ctx.output_dir files and moving them into place" if fsync
-            else "moving its ctx.output_dir files into place")
-    unsafe = _or_no_fsync(fsync)
+    slots = min(cpu_slots, n_cores)
     enough = WORKERS_PER_CPU_SLOT_FOR_COMMITS * slots
-    io_hint = (f"raise stages.{name}.io_slots (now {io_slots}) to its workers if the commits "
-               "are inside ctx.io()" if io_slots < workers else "")
+    unsafe = _or_no_fsync(True)
+    io_hint = (f"raise stages.{name}.io_slots (now {io_slots}) to its number of workers if "
+               "the commits are inside ctx.io()" if io_slots < workers else "")
     if s.get("backend") == "dask":
-        advice = ("give the Dask workers more threads than cores (dask worker --nthreads) "
-                  f"and raise stages.{name}.workers (now {workers}) to match: tasks waiting "
-                  f"on the disk leave their threads idle{unsafe}")
-    elif local_workers < enough:
+        advice = ("give the Dask workers more threads than cores (backend.dask."
+                  "threads_per_worker for a LocalCluster mpipe starts, dask worker --nthreads "
+                  f"for your own) and raise stages.{name}.workers (now {workers}) to match: "
+                  f"tasks waiting on the disk leave their threads idle{unsafe}")
+    elif workers + others_busy < enough:
+        others = (f"; the other stages' {others_busy} busy worker"
+                  f"{'s' if others_busy > 1 else ''} count too" if others_busy else "")
         advice = (f"raise stages.{name}.workers (now {workers}) toward "
-                  f"{workers + enough - local_workers}, for {enough} local workers in all "
-                  f"({WORKERS_PER_CPU_SLOT_FOR_COMMITS} per cpu slot the cores can fill: "
-                  f"{slots}): while some wait on the disk, others compute"
+                  f"{enough - others_busy} ({WORKERS_PER_CPU_SLOT_FOR_COMMITS} x {slots} cpu "
+                  f"slots{others}), and its io_slots as high if you set it: while some workers "
+                  "wait on the disk, others compute"
+                  + (f"; {io_hint}" if io_hint else "") + unsafe)
+    elif slots < n_cores:
+        advice = (f"raise cpu_slots (now {cpu_slots}) toward the cores ({n_cores}): with as "
+                  "many workers as it takes, the cpu slots are what is left"
                   + (f"; {io_hint}" if io_hint else "") + unsafe)
     else:
         advice = ((f"{io_hint}; else " if io_hint else "")
@@ -282,7 +297,8 @@ def _commit_verdict(name: str, s: dict[str, Any], head: str, slots: int, *, fsyn
     return {
         "stage": name, "kind": "io",
         "message": f"{head}; IO is {s['io_pct_of_busy']:.0f}% of its busy time, "
-                   f"{s['output_commit_pct_of_io']:.0f}% of that {what}",
+                   f"{s['output_commit_pct_of_io']:.0f}% of that fsyncing its "
+                   "ctx.output_dir files and moving them into place",
         "advice": advice,
     }
 

@@ -156,6 +156,7 @@ class TimeSpans:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._open = 0  # the copy's own blocks are all still to come
         _every_span.add(self)
 
 
@@ -170,6 +171,15 @@ def _new_locks_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_new_locks_in_child)
+
+
+def _exit_all(entered: list[TimeSpans], now: float) -> None:
+    """Close each span, last entered first, every one even if another raises."""
+    if entered:
+        try:
+            entered[-1].exit(now)
+        finally:
+            _exit_all(entered[:-1], now)
 
 
 class WorkdirPaths:
@@ -217,19 +227,19 @@ class WorkdirPaths:
         the directory is renamed to ``relative``.
         """
         final = self.path(relative)
-        committing = False
+        # Each span closed only if it was entered, and whatever else raises
+        # (a stage's own signal handler): one left open would count no IO for
+        # the rest of the worker's items.  A failed commit counts its time.
+        entered: list[TimeSpans] = []
         try:
             with outputs.atomic_dir(final, fsync=self.fsync) as tmp:
                 yield tmp
                 now = time.perf_counter()
-                self._io_spans.enter(now)
-                self._commit_spans.enter(now)
-                committing = True
+                for spans in (self._io_spans, self._commit_spans):
+                    spans.enter(now)
+                    entered.append(spans)
         finally:
-            if committing:  # a failed commit took its time too
-                now = time.perf_counter()
-                self._commit_spans.exit(now)
-                self._io_spans.exit(now)
+            _exit_all(entered, time.perf_counter())
 
 
 @dataclass

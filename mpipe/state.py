@@ -170,6 +170,7 @@ def run_metadata(loaded: LoadedConfig, result: RunResult) -> dict[str, Any]:
             "wall_s": round(result.wall_s, 4),
             "stages": {
                 name: {"busy_s": round(stats.busy_s, 4), "io_s": round(stats.io_s, 4),
+                       "output_commit_s": round(stats.output_commit_s, 4),
                        "cpu_wait_s": round(stats.cpu_wait_s, 4), "done": stats.done}
                 for name, stats in result.stages.items()
             },

@@ -103,7 +103,7 @@ def test_output_commit_time_is_io_counted_once() -> None:
     ctx, _, _, _ = _context()
     with ctx.io(), ctx.output_dir("a"):
         pass
-    assert 0.3 <= ctx.output_commit_s <= ctx.io_s < 1.5 * ctx.output_commit_s, ctx
+    assert 0.3 <= ctx.output_commit_s <= ctx.io_s < 2 * ctx.output_commit_s, ctx
 
 
 def _commit_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -142,7 +142,7 @@ def test_commits_in_threads_at_once_count_once(monkeypatch: pytest.MonkeyPatch,
     start = time.perf_counter()
     _run_threads(commit, commit, commit, commit)
     wall = time.perf_counter() - start
-    assert 0.3 <= ctx.output_commit_s <= wall and ctx.io_s == ctx.output_commit_s, ctx
+    assert 0.3 <= ctx.output_commit_s <= wall and _same(ctx.io_s, ctx.output_commit_s), ctx
 
 
 def test_a_commit_and_an_io_block_in_two_threads_count_their_union(
@@ -174,24 +174,28 @@ def test_a_commit_and_an_io_block_in_two_threads_count_their_union(
     # from the block's start to the commit's end, not the block alone.
     ctx, _, _, _ = _context()
     committing.clear()
-    _commit_hook(monkeypatch, tmp_path, lambda: (committing.set(), time.sleep(0.3)))
-    spans: list[float] = []
+    io_left = threading.Event()
+    _commit_hook(monkeypatch, tmp_path,
+                 lambda: (committing.set(), io_left.wait(10), time.sleep(0.1)))
+    io_start = commit_end = 0.0
 
     def io_then_leave() -> None:
-        start = time.perf_counter()
+        nonlocal io_start
+        io_start = time.perf_counter()
         with ctx.io():
             io_entered.set()
             committing.wait(10)
-        spans.append(start)
+        io_left.set()
 
     def commit_once_io_entered() -> None:
+        nonlocal commit_end
         io_entered.wait(10)
         commit()
-        spans.append(time.perf_counter())
+        commit_end = time.perf_counter()
 
     _run_threads(io_then_leave, commit_once_io_entered)
-    assert ctx.output_commit_s >= 0.3, ctx
-    assert ctx.output_commit_s <= ctx.io_s <= spans[1] - spans[0], (ctx, spans)
+    assert ctx.output_commit_s >= 0.1, ctx
+    assert ctx.output_commit_s < ctx.io_s <= commit_end - io_start, (ctx, io_start, commit_end)
 
 
 @pytest.mark.usefixtures("slow_commit")
@@ -209,7 +213,7 @@ def test_a_dask_task_counts_commits_and_nested_io_once() -> None:
     ctx = context()
     with ctx.io(), ctx.io(), ctx.output_dir("a"):
         pass
-    assert 0.3 <= ctx.output_commit_s <= ctx.io_s < 1.5 * ctx.output_commit_s, ctx
+    assert 0.3 <= ctx.output_commit_s <= ctx.io_s < 2 * ctx.output_commit_s, ctx
     ctx.reset_times()
     assert ctx.io_s == pytest.approx(ctx.output_commit_s, abs=1e-3) == 0.0
 
@@ -283,3 +287,24 @@ def test_a_child_forked_while_a_span_is_locked_can_count(tmp_path: Path) -> None
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert answer == b"ok"
+
+
+@pytest.mark.usefixtures("slow_commit")
+def test_a_commit_interrupted_between_its_spans_leaves_none_open() -> None:
+    # Something raises (a stage's own signal handler) after the IO span has
+    # opened and before the commit's: the IO span is closed all the same.
+    ctx, _, _, _ = _context()
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted(now: float | None = None) -> None:
+        raise Interrupted
+
+    ctx._commit_spans.enter = interrupted  # type: ignore[method-assign]
+    with pytest.raises(Interrupted), ctx.output_dir("a"):
+        pass
+    ctx.reset_times()
+    with ctx.io():
+        time.sleep(0.05)
+    assert ctx.io_s >= 0.05, ctx
