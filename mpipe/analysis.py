@@ -211,6 +211,13 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *
     if (fsync and s["io_pct_of_busy"] >= IO_BOUND_PCT
             and s.get("output_commit_pct_of_io", 0.0) >= OUTPUT_COMMIT_PCT):
         return _commit_verdict(name, s, head, cpu_slots, n_cores, others_busy=others_busy)
+    if s["io_pct_of_busy"] >= IO_BOUND_PCT and s.get("backend") == "dask":
+        return {
+            "stage": name, "kind": "io",
+            "message": f"{head}; IO is {s['io_pct_of_busy']:.0f}% of its busy time",
+            "advice": (f"raise stages.{name}.workers (now {workers}), with as many threads on "
+                       "the Dask workers, while their disks keep up, or use faster storage"),
+        }
     if s["io_pct_of_busy"] >= IO_BOUND_PCT:
         return {
             "stage": name, "kind": "io",
@@ -250,13 +257,15 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *
 
 
 def _others_busy(m: dict[str, dict[str, Any]], name: str) -> int:
-    """The other stages' workers on this machine, as many as were busy on average.
+    """The other stages' workers on this machine, as many as were busy on average
+    (all of them together, rounded up once).
 
     Dask stages are left out: their workers are the cluster's (a LocalCluster's
     share these cores too, but its threads are not mpipe's to count).
     """
-    return sum(math.ceil(s["workers"] * s["busy_pct"] / 100.0)
+    busy = sum(float(s["workers"]) * float(s["busy_pct"]) / 100.0
                for n, s in m.items() if n != name and s["backend"] == "local")
+    return math.ceil(busy)
 
 
 def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int, n_cores: int,
@@ -269,31 +278,35 @@ def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int, n_c
     the cluster has threads (DISTRIBUTED.md).
     """
     workers, io_slots = s["workers"], s["io_slots"]
+    per_slot = WORKERS_PER_CPU_SLOT_FOR_COMMITS
     slots = min(cpu_slots, n_cores)
-    enough = WORKERS_PER_CPU_SLOT_FOR_COMMITS * slots
+    enough = per_slot * slots
     unsafe = _or_no_fsync(True)
-    io_hint = (f"raise stages.{name}.io_slots (now {io_slots}) to its number of workers if "
-               "the commits are inside ctx.io()" if io_slots < workers else "")
+    plural = "s" if slots > 1 else ""
+    others = f", less {others_busy} busy elsewhere in the pipeline" if others_busy else ""
     if s.get("backend") == "dask":
         advice = ("give the Dask workers more threads than cores (backend.dask."
                   "threads_per_worker for a LocalCluster mpipe starts, dask worker --nthreads "
                   f"for your own) and raise stages.{name}.workers (now {workers}) to match: "
                   f"tasks waiting on the disk leave their threads idle{unsafe}")
     elif workers + others_busy < enough:
-        others = (f"; the other stages' {others_busy} busy worker"
-                  f"{'s' if others_busy > 1 else ''} count too" if others_busy else "")
-        advice = (f"raise stages.{name}.workers (now {workers}) toward "
-                  f"{enough - others_busy} ({WORKERS_PER_CPU_SLOT_FOR_COMMITS} x {slots} cpu "
-                  f"slots{others}), and its io_slots as high if you set it: while some workers "
-                  "wait on the disk, others compute"
-                  + (f"; {io_hint}" if io_hint else "") + unsafe)
-    elif slots < n_cores:
-        advice = (f"raise cpu_slots (now {cpu_slots}) toward the cores ({n_cores}): with as "
-                  "many workers as it takes, the cpu slots are what is left"
-                  + (f"; {io_hint}" if io_hint else "") + unsafe)
+        io_with = (f", and its io_slots (now {io_slots}) with them if the commits are inside "
+                   "ctx.io()" if io_slots < workers else ", and its io_slots as high if you "
+                   "set it")
+        advice = (f"raise stages.{name}.workers (now {workers}) toward {enough - others_busy}"
+                  f" ({per_slot} x {slots} cpu slot{plural} = {enough} workers{others})"
+                  f"{io_with}: while some workers wait on the disk, others compute{unsafe}")
     else:
-        advice = ((f"{io_hint}; else " if io_hint else "")
-                  + f"the disk's commits are the limit: use faster storage{unsafe}")
+        full = (f"with {others_busy} workers busy elsewhere in the pipeline it has "
+                f"{per_slot} per cpu slot already" if workers < enough else "")
+        if slots < n_cores:
+            first = (f"raise cpu_slots (now {cpu_slots}) toward the cores ({n_cores}), and the "
+                     f"workers with it ({per_slot} per cpu slot)")
+        else:
+            first = "the disk's commits are the limit: use faster storage"
+        io_first = (f"raise stages.{name}.io_slots (now {io_slots}) to its {workers} workers "
+                    "if the commits are inside ctx.io(); else " if io_slots < workers else "")
+        advice = (f"{full}; " if full else "") + io_first + first + unsafe
     return {
         "stage": name, "kind": "io",
         "message": f"{head}; IO is {s['io_pct_of_busy']:.0f}% of its busy time, "

@@ -227,9 +227,10 @@ class WorkdirPaths:
         the directory is renamed to ``relative``.
         """
         final = self.path(relative)
-        # Each span closed only if it was entered, and whatever else raises
-        # (a stage's own signal handler): one left open would count no IO for
-        # the rest of the worker's items.  A failed commit counts its time.
+        # Each span entered is closed, even if something raises in between (a
+        # stage's own signal handler), save in the instant between an enter
+        # and its append: one left open would count no IO for the rest of the
+        # worker's items.  A failed commit counts its time.
         entered: list[TimeSpans] = []
         try:
             with outputs.atomic_dir(final, fsync=self.fsync) as tmp:

@@ -308,3 +308,26 @@ def test_a_commit_interrupted_between_its_spans_leaves_none_open() -> None:
     with ctx.io():
         time.sleep(0.05)
     assert ctx.io_s >= 0.05, ctx
+
+
+@pytest.mark.usefixtures("slow_commit")
+def test_a_span_whose_exit_raises_still_closes_the_other() -> None:
+    ctx, _, _, _ = _context()
+
+    class Interrupted(Exception):
+        pass
+
+    real_exit = ctx._commit_spans.exit
+
+    def interrupted(now: float | None = None) -> None:
+        real_exit(now)
+        raise Interrupted
+
+    ctx._commit_spans.exit = interrupted  # type: ignore[method-assign]
+    with pytest.raises(Interrupted), ctx.output_dir("a"):
+        pass
+    assert ctx.io_s >= 0.3 and _same(ctx.io_s, ctx.output_commit_s), ctx
+    ctx.reset_times()
+    with ctx.io():
+        time.sleep(0.05)
+    assert ctx.io_s >= 0.05, ctx

@@ -287,30 +287,33 @@ def _report(stages: dict[str, dict[str, Any]], *, wall: float = 10.0,
     # IO mostly the outputs' commits: other workers can compute meanwhile.
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2,
                   "io_slots": 2}}, "compute", "io",
-     "raise stages.compute.workers (now 2) toward 6 (3 x 2 cpu slots), and its io_slots as "
-     "high if you set it"),
+     "raise stages.compute.workers (now 2) toward 6 (3 x 2 cpu slots = 6 workers), and its "
+     "io_slots as high if you set it"),
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2,
                   "io_slots": 1}}, "compute", "io",
-     "; raise stages.compute.io_slots (now 1) to its number of workers if the commits are "
-     "inside ctx.io()"),
+     "toward 6 (3 x 2 cpu slots = 6 workers), and its io_slots (now 1) with them if the "
+     "commits are inside ctx.io()"),
     ({"compute": {"busy_s": 57.0, "io_s": 45.0, "output_commit_s": 27.0, "workers": 6,
                   "io_slots": 6}}, "compute", "io", "the disk's commits are the limit"),
     ({"compute": {"busy_s": 57.0, "io_s": 45.0, "output_commit_s": 27.0, "workers": 6,
                   "io_slots": 1}}, "compute", "io",
-     "raise stages.compute.io_slots (now 1) to its number of workers if the commits are "
-     "inside ctx.io(); else the disk's commits are the limit"),
-    # The other stages' workers count as busy as they were: read's 2 workers at
-    # 10% are 1, its 4 at 90% are 4.
-    ({"read": {"busy_s": 2.0, "workers": 2},
+     "raise stages.compute.io_slots (now 1) to its 6 workers if the commits are inside "
+     "ctx.io(); else the disk's commits are the limit"),
+    # The other stages' workers count as busy as they were, all together:
+    # read's 2 at 10% and tail's 1 at 10% are 0.3, so 1; read's 4 at 90% are 4.
+    ({"read": {"busy_s": 2.0, "workers": 2}, "tail": {"busy_s": 1.0},
       "compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2}},
-     "compute", "io", "raise stages.compute.workers (now 2) toward 5 (3 x 2 cpu slots; the "
-     "other stages' 1 busy worker count too)"),
+     "compute", "io", "raise stages.compute.workers (now 2) toward 5 (3 x 2 cpu slots = 6 "
+     "workers, less 1 busy elsewhere in the pipeline)"),
     ({"read": {"busy_s": 36.0, "workers": 4},
       "compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2}},
-     "compute", "io", "the disk's commits are the limit"),
+     "compute", "io", "with 4 workers busy elsewhere in the pipeline it has 3 per cpu slot "
+     "already; the disk's commits are the limit"),
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2,
                   "backend": "dask"}}, "compute", "io",
      "give the Dask workers more threads than cores (backend.dask.threads_per_worker"),
+    ({"compute": {"busy_s": 19.0, "io_s": 15.0, "workers": 2, "backend": "dask"}},
+     "compute", "io", "with as many threads on the Dask workers, while their disks keep up"),
     # Under half of the IO: the plain IO advice.
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 7.0, "workers": 2,
                   "io_slots": 2}}, "compute", "io",
@@ -327,7 +330,7 @@ def test_the_commit_verdict_follows_fsync_and_the_cpu_slots_the_cores_can_fill()
     report = _report({"compute": stage}, cores=2, cpu_slots=8)
     verdict = analysis.bottleneck(report)
     assert "fsyncing its ctx.output_dir files" in verdict["message"]
-    assert "toward 6 (3 x 2 cpu slots)" in verdict["advice"], verdict
+    assert "toward 6 (3 x 2 cpu slots = 6 workers)" in verdict["advice"], verdict
     assert "fsync: false" in verdict["advice"], verdict
     # With fsync off more workers gained nothing that held (BENCHMARKS.md,
     # "Durable outputs"): the plain IO advice, and nothing about fsync.
@@ -340,7 +343,8 @@ def test_the_commit_verdict_follows_fsync_and_the_cpu_slots_the_cores_can_fill()
     stage = {**stage, "workers": 4, "io_slots": 4, "busy_s": 38.0, "io_s": 30.0,
              "output_commit_s": 18.0}
     verdict = analysis.bottleneck(_report({"compute": stage}, cores=4, cpu_slots=1))
-    assert "raise cpu_slots (now 1) toward the cores (4)" in verdict["advice"], verdict
+    assert "raise cpu_slots (now 1) toward the cores (4), and the workers with it" in \
+        verdict["advice"], verdict
     # Nor to the writer's verdict.
     report = _report({"a": {"busy_s": 2.0, "blocked_s": 7.0}})
     assert "fsync: false" in analysis.bottleneck(report)["advice"]
