@@ -48,6 +48,9 @@ CPU_WAIT_PCT = 25.0
 # overlap with compute.  Up to 3 workers per core paid on the notes' workload
 # (docs/BENCHMARKS.md, "Durable outputs").
 OUTPUT_COMMIT_PCT = 50.0
+# Where a Dask stage's threads are set (docs/DISTRIBUTED.md).
+DASK_THREADS = ("backend.dask.threads_per_worker for a LocalCluster mpipe starts, "
+                "dask worker --nthreads for your own")
 WORKERS_PER_CPU_SLOT_FOR_COMMITS = 3
 
 
@@ -215,8 +218,9 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *
         return {
             "stage": name, "kind": "io",
             "message": f"{head}; IO is {s['io_pct_of_busy']:.0f}% of its busy time",
-            "advice": (f"raise stages.{name}.workers (now {workers}), with as many threads on "
-                       "the Dask workers, while their disks keep up, or use faster storage"),
+            "advice": (f"give the Dask workers more threads ({DASK_THREADS}) and raise "
+                       f"stages.{name}.workers (now {workers}) to match, while their disks keep "
+                       "up, or use faster storage"),
         }
     if s["io_pct_of_busy"] >= IO_BOUND_PCT:
         return {
@@ -265,7 +269,7 @@ def _others_busy(m: dict[str, dict[str, Any]], name: str) -> int:
     """
     busy = sum(float(s["workers"]) * float(s["busy_pct"]) / 100.0
                for n, s in m.items() if n != name and s["backend"] == "local")
-    return math.ceil(busy)
+    return math.ceil(round(busy, 6))  # 1.0000000000000002 is one worker
 
 
 def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int, n_cores: int,
@@ -285,10 +289,9 @@ def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int, n_c
     plural = "s" if slots > 1 else ""
     others = f", less {others_busy} busy elsewhere in the pipeline" if others_busy else ""
     if s.get("backend") == "dask":
-        advice = ("give the Dask workers more threads than cores (backend.dask."
-                  "threads_per_worker for a LocalCluster mpipe starts, dask worker --nthreads "
-                  f"for your own) and raise stages.{name}.workers (now {workers}) to match: "
-                  f"tasks waiting on the disk leave their threads idle{unsafe}")
+        advice = (f"give the Dask workers more threads than cores ({DASK_THREADS}) and raise "
+                  f"stages.{name}.workers (now {workers}) to match: tasks waiting on the disk "
+                  f"leave their threads idle{unsafe}")
     elif workers + others_busy < enough:
         io_with = (f", and its io_slots (now {io_slots}) with them if the commits are inside "
                    "ctx.io()" if io_slots < workers else ", and its io_slots as high if you "
@@ -297,15 +300,18 @@ def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int, n_c
                   f" ({per_slot} x {slots} cpu slot{plural} = {enough} workers{others})"
                   f"{io_with}: while some workers wait on the disk, others compute{unsafe}")
     else:
-        full = (f"with {others_busy} workers busy elsewhere in the pipeline it has "
-                f"{per_slot} per cpu slot already" if workers < enough else "")
+        full = (f"with {others_busy} worker{'s' if others_busy > 1 else ''} busy elsewhere, "
+                f"the pipeline has {per_slot} busy workers per cpu slot already"
+                if workers < enough else "")
         if slots < n_cores:
             first = (f"raise cpu_slots (now {cpu_slots}) toward the cores ({n_cores}), and the "
                      f"workers with it ({per_slot} per cpu slot)")
         else:
             first = "the disk's commits are the limit: use faster storage"
+        # Before the disk's limit it is an alternative; before cpu_slots, a first step.
         io_first = (f"raise stages.{name}.io_slots (now {io_slots}) to its {workers} workers "
-                    "if the commits are inside ctx.io(); else " if io_slots < workers else "")
+                    f"if the commits are inside ctx.io(); {'then' if slots < n_cores else 'else'} "
+                    if io_slots < workers else "")
         advice = (f"{full}; " if full else "") + io_first + first + unsafe
     return {
         "stage": name, "kind": "io",

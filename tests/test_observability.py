@@ -307,13 +307,24 @@ def _report(stages: dict[str, dict[str, Any]], *, wall: float = 10.0,
      "workers, less 1 busy elsewhere in the pipeline)"),
     ({"read": {"busy_s": 36.0, "workers": 4},
       "compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2}},
-     "compute", "io", "with 4 workers busy elsewhere in the pipeline it has 3 per cpu slot "
-     "already; the disk's commits are the limit"),
+     "compute", "io", "with 4 workers busy elsewhere, the pipeline has 3 busy workers per "
+     "cpu slot already; the disk's commits are the limit"),
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2,
                   "backend": "dask"}}, "compute", "io",
      "give the Dask workers more threads than cores (backend.dask.threads_per_worker"),
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "workers": 2, "backend": "dask"}},
-     "compute", "io", "with as many threads on the Dask workers, while their disks keep up"),
+     "compute", "io", "give the Dask workers more threads (backend.dask.threads_per_worker "
+     "for a LocalCluster mpipe starts, dask worker --nthreads for your own) and raise "
+     "stages.compute.workers (now 2) to match, while their disks keep up"),
+    # A Dask stage's workers are not this machine's to count.
+    ({"remote": {"busy_s": 36.0, "workers": 4, "backend": "dask"},
+      "compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 9.0, "workers": 2}},
+     "compute", "io", "raise stages.compute.workers (now 2) toward 6 (3 x 2 cpu slots"),
+    # One other busy worker, the pipeline full: said in the singular.
+    ({"read": {"busy_s": 5.0, "workers": 1},
+      "compute": {"busy_s": 47.5, "io_s": 37.5, "output_commit_s": 22.5, "workers": 5}},
+     "compute", "io", "with 1 worker busy elsewhere, the pipeline has 3 busy workers per cpu "
+     "slot already; the disk's commits are the limit"),
     # Under half of the IO: the plain IO advice.
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 7.0, "workers": 2,
                   "io_slots": 2}}, "compute", "io",
@@ -339,12 +350,24 @@ def test_the_commit_verdict_follows_fsync_and_the_cpu_slots_the_cores_can_fill()
     assert "ctx.output_dir" not in verdict["message"], verdict
     assert "and its io_slots (now 2) while the disk keeps up" in verdict["advice"], verdict
     assert "fsync" not in verdict["message"] + verdict["advice"], verdict
-    # Workers enough for the cpu slots, but fewer slots than cores.
+    # Workers enough for the cpu slots, but fewer slots than cores; with io_slots
+    # below the workers, raising them is a first step, not an alternative.
     stage = {**stage, "workers": 4, "io_slots": 4, "busy_s": 38.0, "io_s": 30.0,
              "output_commit_s": 18.0}
     verdict = analysis.bottleneck(_report({"compute": stage}, cores=4, cpu_slots=1))
-    assert "raise cpu_slots (now 1) toward the cores (4), and the workers with it" in \
-        verdict["advice"], verdict
+    assert verdict["advice"] == (
+        "raise cpu_slots (now 1) toward the cores (4), and the workers with it (3 per cpu "
+        "slot); or set fsync: false if a crash may cost the last few items"), verdict
+    verdict = analysis.bottleneck(_report({"compute": {**stage, "io_slots": 1}}, cores=4,
+                                          cpu_slots=1))
+    assert "inside ctx.io(); then raise cpu_slots (now 1)" in verdict["advice"], verdict
+    # One cpu slot: singular.
+    verdict = analysis.bottleneck(_report({"compute": {**stage, "workers": 2}}, cores=1,
+                                          cpu_slots=1))
+    assert "toward 3 (3 x 1 cpu slot = 3 workers)" in verdict["advice"], verdict
+    # A Dask stage's IO verdict names no io slot.
+    verdict = analysis.bottleneck(_report({"compute": {**stage, "backend": "dask"}}))
+    assert "io slot" not in verdict["message"] and "io_slots" not in verdict["advice"], verdict
     # Nor to the writer's verdict.
     report = _report({"a": {"busy_s": 2.0, "blocked_s": 7.0}})
     assert "fsync: false" in analysis.bottleneck(report)["advice"]
