@@ -77,8 +77,12 @@ class TuneResult:
     cores: int = 1
 
 
-def default_candidates(cores: int) -> list[int]:
-    return sorted({1, cores, 2 * cores})
+def default_candidates(cores: int, *, fsync: bool = False) -> list[int]:
+    """1, the cores and twice them; with fsync also three times the cores: a
+    worker waiting for its outputs' fsyncs leaves its core to another, and on
+    the notes' workload 3 per core did best (docs/BENCHMARKS.md, "Durable
+    outputs")."""
+    return sorted({1, cores, 2 * cores, *([3 * cores] if fsync else [])})
 
 
 def default_limit(candidates: Sequence[int]) -> int:
@@ -221,7 +225,8 @@ class Tuner:
         self.loaded = loaded
         self.overrides = list(overrides)
         self.cores = usable_cores()
-        self.candidates = sorted(set(candidates or default_candidates(self.cores)))
+        self.candidates = sorted(set(candidates or default_candidates(
+            self.cores, fsync=loaded.config.fsync)))
         if not self.candidates or min(self.candidates) < 1:
             raise ConfigError(f"worker counts to try must be >= 1 (got {self.candidates})")
         self.limit = limit or default_limit(self.candidates)

@@ -99,6 +99,27 @@ def _trial(n: int, rate: float) -> Trial:
     return Trial("s", {"s": n}, 8, rate, 50.0, 1.0, 0, "s")
 
 
+def test_with_fsync_tune_also_tries_three_workers_per_core(tmp_path: Path) -> None:
+    from mpipe.cores import usable_cores
+    from mpipe.tune import default_candidates, default_limit
+
+    assert default_candidates(2) == [1, 2, 4]
+    assert default_candidates(2, fsync=True) == [1, 2, 4, 6]
+    assert default_candidates(1, fsync=True) == [1, 2, 3]
+    assert default_limit(default_candidates(2, fsync=True)) == 12
+    # The command takes fsync from the config as --set leaves it.
+    make_inputs(tmp_path, 1)
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(CONFIG.replace("tasks: 3", "tasks: 1"))
+    cores = usable_cores()
+    for setting, counts in (("fsync=true", default_candidates(cores, fsync=True)),
+                            ("fsync=false", default_candidates(cores))):
+        proc = mpipe("tune", cfg, "--limit", "1", "--set", setting, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"worker counts {', '.join(map(str, counts))}, {cores} cores" in proc.stdout, \
+            proc.stdout
+
+
 def test_recommend_takes_the_smallest_count_near_the_best() -> None:
     assert recommend([_trial(1, 1.0), _trial(2, 1.9), _trial(4, 2.0)], "s") == 2
     assert recommend([_trial(1, 1.0), _trial(2, 1.5), _trial(4, 2.0)], "s") == 4
