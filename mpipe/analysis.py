@@ -48,10 +48,10 @@ CPU_WAIT_PCT = 25.0
 # overlap with compute.  Up to 3 workers per core paid on the notes' workload
 # (docs/BENCHMARKS.md, "Durable outputs").
 OUTPUT_COMMIT_PCT = 50.0
+WORKERS_PER_CPU_SLOT_FOR_COMMITS = 3
 # Where a Dask stage's threads are set (docs/DISTRIBUTED.md).
 DASK_THREADS = ("backend.dask.threads_per_worker for a LocalCluster mpipe starts, "
                 "dask worker --nthreads for your own")
-WORKERS_PER_CPU_SLOT_FOR_COMMITS = 3
 
 
 def _pct(part: float, whole: float) -> float:
@@ -218,9 +218,8 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *
         return {
             "stage": name, "kind": "io",
             "message": f"{head}; IO is {s['io_pct_of_busy']:.0f}% of its busy time",
-            "advice": (f"give the Dask workers more threads ({DASK_THREADS}) and raise "
-                       f"stages.{name}.workers (now {workers}) to match, while their disks keep "
-                       "up, or use faster storage"),
+            "advice": (_more_dask_threads(name, workers)
+                       + ", while their disks keep up, or use faster storage"),
         }
     if s["io_pct_of_busy"] >= IO_BOUND_PCT:
         return {
@@ -289,9 +288,8 @@ def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int, n_c
     plural = "s" if slots > 1 else ""
     others = f", less {others_busy} busy elsewhere in the pipeline" if others_busy else ""
     if s.get("backend") == "dask":
-        advice = (f"give the Dask workers more threads than cores ({DASK_THREADS}) and raise "
-                  f"stages.{name}.workers (now {workers}) to match: tasks waiting on the disk "
-                  f"leave their threads idle{unsafe}")
+        advice = (_more_dask_threads(name, workers, " than cores")
+                  + f": tasks waiting on the disk leave their threads idle{unsafe}")
     elif workers + others_busy < enough:
         io_with = (f", and its io_slots (now {io_slots}) with them if the commits are inside "
                    "ctx.io()" if io_slots < workers else ", and its io_slots as high if you "
@@ -320,6 +318,11 @@ def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int, n_c
                    "ctx.output_dir files and moving them into place",
         "advice": advice,
     }
+
+
+def _more_dask_threads(name: str, workers: int, than: str = "") -> str:
+    return (f"give the Dask workers more threads{than} ({DASK_THREADS}) and raise "
+            f"stages.{name}.workers (now {workers}) to match")
 
 
 def _or_no_fsync(fsync: bool) -> str:

@@ -78,11 +78,11 @@ class TuneResult:
 
 
 def default_candidates(cores: int, *, fsync: bool = False) -> list[int]:
-    """1, the cores and twice them; with fsync also three times the cores: a
-    worker waiting for its outputs' fsyncs leaves its core to another, and on
-    the notes' workload 3 per core did best (docs/BENCHMARKS.md, "Durable
-    outputs")."""
-    return sorted({1, cores, 2 * cores, *([3 * cores] if fsync else [])})
+    """1, the cores and twice them; with fsync also as many per core as the run
+    summary advises for a stage waiting on its outputs' fsyncs (3: a waiting
+    worker leaves its core to another; docs/BENCHMARKS.md, "Durable outputs")."""
+    extra = [analysis.WORKERS_PER_CPU_SLOT_FOR_COMMITS * cores] if fsync else []
+    return sorted({1, cores, 2 * cores, *extra})
 
 
 def default_limit(candidates: Sequence[int]) -> int:
