@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpipe.analysis import WORKERS_PER_CPU_SLOT_FOR_COMMITS
 from mpipe.bench import measure, workload
 from mpipe.bench.workload import BenchDir
 
@@ -32,7 +33,7 @@ AT_CORES = "mpipe-at-cores"
 # others compute, as mpipe's advice says to run an fsync-bound stage.
 WIDE = "mpipe-wide"
 WIDE_NOFSYNC = "mpipe-wide-nofsync"
-WIDE_FACTOR = 3
+WIDE_FACTOR = WORKERS_PER_CPU_SLOT_FOR_COMMITS
 
 PEER_LABELS = {
     "floor": "floor (independent processes)",
