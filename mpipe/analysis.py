@@ -112,6 +112,7 @@ def stage_metrics(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "workers": workers,
             "io_slots": int(s.get("io_slots") or workers),
             "backend": str(s.get("backend") or "local"),
+            "dask_threads": int(s.get("dask_threads") or 0),
             "items": int(s.get("done", 0)),
             "failed": int(s.get("failed", 0)),
             "retries": int(s.get("retries", 0)),
@@ -233,6 +234,10 @@ def _stage_verdict(name: str, s: dict[str, Any], n_cores: int, cpu_slots: int, *
                        f"{s['io_slots']}) while the disk keeps up, or use faster storage; "
                        f"cores: {n_cores}"),
         }
+    if s.get("backend") == "dask":
+        # Its items run on the cluster's threads, not on this machine's cores
+        # (and ctx.cpu() takes no slot there).
+        return _dask_compute_verdict(name, s, head)
     if s["cpu_wait_pct_of_busy"] >= CPU_WAIT_PCT:
         return {
             "stage": name, "kind": "cpu_slots",
@@ -317,6 +322,27 @@ def _commit_verdict(name: str, s: dict[str, Any], head: str, cpu_slots: int, n_c
                    f"{s['output_commit_pct_of_io']:.0f}% of that fsyncing its "
                    "ctx.output_dir files and moving them into place",
         "advice": advice,
+    }
+
+
+def _dask_compute_verdict(name: str, s: dict[str, Any], head: str) -> dict[str, Any]:
+    """A Dask stage that is not IO-bound: are its items in flight fewer than the
+    cluster's threads (0: a report from before mpipe recorded them)?"""
+    workers, threads = s["workers"], s.get("dask_threads", 0)
+    if threads and workers < threads:
+        return {
+            "stage": name, "kind": "compute",
+            "message": f"{head}, with {workers} items in flight on the Dask cluster's "
+                       f"{threads} threads",
+            "advice": f"raise stages.{name}.workers (now {workers}) toward the cluster's "
+                      f"{threads} threads (or set it to auto)",
+        }
+    where = f"the Dask cluster's {threads} threads" if threads else "the Dask cluster's threads"
+    return {
+        "stage": name, "kind": "cores",
+        "message": f"{head}, with {workers} items in flight on {where}",
+        "advice": f"{where} are the limit: add Dask workers (machines or threads) and raise "
+                  f"stages.{name}.workers to match, or make the stage faster",
     }
 
 

@@ -480,6 +480,7 @@ class DaskStagePool:
         logger.info("stage %s runs on Dask at %s, at most %d item(s) in flight",
                     self.name, self._session.where, self.size)
         threads = self._session.total_threads()
+        self.stats.dask_threads = threads  # what the run summary's advice is measured against
         if self.config.timeout_s and self.size > threads:
             logger.warning(
                 "stage %s: %d items in flight on %d Dask threads: items wait on the scheduler, "

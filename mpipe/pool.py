@@ -93,6 +93,7 @@ class StageStats:
     starved_s: float = 0.0  # worker-seconds idle because the input queue was empty
     blocked_s: float = 0.0  # seconds with input waiting but no room downstream
     queue_full_s: float = 0.0  # seconds the input queue was at its queue_size
+    dask_threads: int = 0  # a Dask stage: the cluster's threads as it started (0: local)
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
     # (worker, key, started_at, busy_s, io_s, cpu_wait_s) per finished item,
     # for the timeline plot; capped so a million-item run stays small.

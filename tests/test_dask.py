@@ -351,6 +351,8 @@ def test_external_cluster_gives_the_serial_results(tmp_path: Path,
     # The fixture's workers keep the nanny's MALLOC_TRIM_THRESHOLD_=65536 alone.
     assert "started with a malloc trim threshold (or top pad) and no mmap" in proc.stderr
     assert report(tmp_path)["stages"]["compute"]["workers"] == 2
+    # What the summary's advice for a Dask stage is measured against.
+    assert report(tmp_path)["stages"]["compute"]["dask_threads"] == 2
     rows = report(tmp_path)["stages"]["compute"]["per_worker"]
     assert sum(r["items"] for r in rows.values()) == 3
     assert set(rows) <= {f"tcp://127.0.0.1:{p.laddr.port}" for i in range(2)

@@ -325,6 +325,15 @@ def _report(stages: dict[str, dict[str, Any]], *, wall: float = 10.0,
       "compute": {"busy_s": 47.5, "io_s": 37.5, "output_commit_s": 22.5, "workers": 5}},
      "compute", "io", "with 1 worker busy elsewhere, the pipeline has 3 busy workers per cpu "
      "slot already; the disk's commits are the limit"),
+    # A compute-bound Dask stage is measured against the cluster's threads, not
+    # this machine's cores (nor its cpu slots: ctx.cpu() takes none there).
+    ({"compute": {"busy_s": 19.6, "workers": 2, "backend": "dask", "dask_threads": 8}},
+     "compute", "compute", "raise stages.compute.workers (now 2) toward the cluster's 8 "
+     "threads (or set it to auto)"),
+    ({"compute": {"busy_s": 78.4, "workers": 8, "backend": "dask", "dask_threads": 8}},
+     "compute", "cores", "the Dask cluster's 8 threads are the limit: add Dask workers"),
+    ({"compute": {"busy_s": 9.8, "workers": 1, "backend": "dask"}},
+     "compute", "cores", "the Dask cluster's threads are the limit"),
     # Under half of the IO: the plain IO advice.
     ({"compute": {"busy_s": 19.0, "io_s": 15.0, "output_commit_s": 7.0, "workers": 2,
                   "io_slots": 2}}, "compute", "io",
