@@ -126,6 +126,9 @@ logger = logging.getLogger(__name__)
 SINK_DEADLINE_S = 120.0
 # The workdir is walked whole for leftovers at least this often (_remove_leftovers).
 FULL_WALK_EVERY_S = 86400.0
+# The same signal again within this is the first one's echo, not a second
+# request: coreutils' `timeout` signals the runner, then its whole process group.
+SAME_STOP_REQUEST_S = 0.2
 
 
 class ProgressReporter(Protocol):
@@ -178,7 +181,7 @@ class Runner:
         self._mp = forkserver.context()
         self._children: list[BaseProcess] = []
         self._pools: list[Pool] = []
-        self._signals: list[int] = []
+        self._signals: list[tuple[int, float]] = []  # (signum, time.monotonic())
         self._in_prepare = False  # see _on_signal
         self._old_handlers: dict[int, Any] = {}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -370,7 +373,7 @@ class Runner:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._in_prepare:
             raise _Stopped(signum)  # prepare is the user's code: stop it where it is
-        self._signals.append(signum)
+        self._signals.append((signum, time.monotonic()))
 
     def _start(self) -> None:
         cfg = self.config
@@ -694,14 +697,19 @@ class Runner:
         except BlockingIOError:
             pass
         while self._signals:
-            signum = self._signals.pop(0)
+            signum, at = self._signals.pop(0)
             s = self._state
             if s.signal is None:
-                s.signal = signum
+                s.signal, s.signal_at = signum, at
                 logger.warning("%s received: finishing in-flight items (up to %.0fs), "
                                "then stopping; send it again to stop at once",
                                signal.Signals(signum).name, self.config.shutdown_grace_s)
                 self._request_stop(grace_s=self.config.shutdown_grace_s)
+            elif signum == s.signal and at - s.signal_at < SAME_STOP_REQUEST_S:
+                # `timeout` and `kill -- -PGID` send one request to the runner
+                # and again to its process group, a few ms apart.
+                logger.info("%s again after %.3fs: the same stop request",
+                            signal.Signals(signum).name, at - s.signal_at)
             else:
                 logger.warning("second signal: stopping at once")
                 s.hard_stop = True
@@ -1096,6 +1104,7 @@ class _State:
     cpu_bound_lifted: bool = False
     hard_stop: bool = False
     signal: int | None = None
+    signal_at: float = 0.0  # time.monotonic() as the first signal arrived
     grace_deadline: float | None = None
     sink_deadline: float | None = None
     finished: bool = False
