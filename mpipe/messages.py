@@ -199,6 +199,8 @@ class Committed(NamedTuple):
     keys: tuple[str, ...]
     replayed: int = 0
     rejected: tuple[ItemFailure, ...] = ()
+    # Of ``rejected``, the replayed ones: counted as skipped when produced.
+    rejected_replayed: int = 0
 
 
 class ConsumerDone(NamedTuple):

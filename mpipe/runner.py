@@ -807,7 +807,9 @@ class Runner:
             s.sink_in_flight -= len(message.keys) + len(message.rejected)
             s.committed += len(message.keys) - message.replayed
             s.replayed += message.replayed
+            s.skipped -= message.rejected_replayed  # a failure now, not a skip
             s.failures.extend(message.rejected)
+            s.rejected_rows += len(message.rejected)
         elif isinstance(message, ProcessFailed):
             error: MpipeError
             if message.exit_code == OutputError.exit_code:
@@ -973,7 +975,7 @@ class Runner:
             result.wall_s = time.monotonic() - self._t0
             self._send_seal(SealSpec(
                 str(self.paths.results_tmp), str(self.paths.results), s.produced,
-                s.total if s.total is not None else dumps(None),
+                self._total_to_store(),
                 run_metadata(self.loaded, result), self.config.fsync))
         self._teardown(grace_s=0 if s.hard_stop else self.config.shutdown_grace_s)
         if self._sealer is not None and self._sealer.sealing:
@@ -985,6 +987,24 @@ class Runner:
                                                 str(self.paths.default_report))
         result.wall_s = time.monotonic() - self._t0
         return result
+
+    def _total_to_store(self) -> bytes:
+        """The consumer's value, unless it folded values the writer then rejected.
+
+        The consumer folds each value as it forwards it to the writer, which
+        may still refuse the row (a shape or number type unlike the first
+        row's): such a total would not be the total of the rows marked done.
+        """
+        s = self._state
+        if s.total is None:
+            return dumps(None)
+        if s.rejected_rows:
+            logger.warning(
+                "the results file gets no total: the consumer's value includes %d item(s) "
+                "whose result the results file could not take (see the failures); fix them "
+                "and run the same command again", s.rejected_rows)
+            return dumps(None)
+        return s.total
 
     def _seal_outcome(self, result: RunResult) -> None:
         """Judge what the sealer answered (teardown waited for it and read it)."""
@@ -1084,6 +1104,7 @@ class _State:
     committed: int = 0
     skipped: int = 0
     replayed: int = 0
+    rejected_rows: int = 0  # items the writer could not store (their values were folded)
     not_started: int = 0
     failures: list[ItemFailure] = field(default_factory=list)
     errors: list[MpipeError] = field(default_factory=list)

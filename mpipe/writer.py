@@ -130,9 +130,13 @@ def writer_main(
                 if not spec.keep_open:
                     f.close()
                     f = None
-                good = [m for m in batch if m.key not in {r.key for r in rejected}]
+                rejected_keys = {r.key for r in rejected}
+                good = [m for m in batch if m.key not in rejected_keys]
+                forgotten = [m.key for m in batch if m.replayed and m.key in rejected_keys]
                 store.commit(
-                    ledger.Entry(m.key, m.fingerprint, m.value) for m in good if not m.replayed
+                    (ledger.Entry(m.key, m.fingerprint, m.value)
+                     for m in good if not m.replayed),
+                    forget=forgotten,
                 )
             finally:
                 lock.release()
@@ -141,6 +145,7 @@ def writer_main(
                     keys=tuple(m.key for m in good),
                     replayed=sum(m.replayed for m in good),
                     rejected=tuple(rejected),
+                    rejected_replayed=len(forgotten),
                 )
             )
         if f is not None:

@@ -68,3 +68,28 @@ class _Unarrayable:
 
 def unarrayable(value: int) -> Any:
     return _Unarrayable() if value == 1 else float(value)
+
+
+def numbers_zero_last(ctx: Any) -> Iterable[Any]:
+    """Keys "0".."n-1"; with MPIPE_TEST_ZERO_LAST set, "0" comes last, a second later."""
+    import os
+    import time
+
+    from mpipe import Task
+
+    n = int(ctx.params["n"])
+    if not os.environ.get("MPIPE_TEST_ZERO_LAST"):
+        yield from (Task(key=str(v), value=v) for v in range(n))
+        return
+    yield from (Task(key=str(v), value=v) for v in range(1, n))
+    time.sleep(1.0)
+    yield Task(key="0", value=0)
+
+
+def three_for_zero(value: int) -> list[float]:
+    """A row of 3 for item 0, of 2 for the others: results.h5 takes one shape."""
+    return [float(value)] * (3 if value == 0 else 2)
+
+
+def vector_total(values: Iterable[list[float]]) -> float:
+    return float(sum(sum(v) for v in values))

@@ -125,3 +125,43 @@ def test_a_value_whose_array_conversion_raises_fails_its_item_not_its_worker(
     doc = json.loads((tmp_path / ".mpipe/results/last-run.json").read_text())
     [failure] = doc["failures"]
     assert failure["kind"] == "result" and "refuses to become an array" in failure["message"]
+
+
+def test_rows_the_writer_rejects_leave_no_total_and_a_replayed_one_is_forgotten(
+        tmp_path: Path) -> None:
+    # The consumer folds a value as it forwards it to the writer, which may
+    # still refuse its row (a shape unlike the first row's): the sealed total
+    # included the refused values.  And an item committed by an earlier run,
+    # refused when replayed (this run's first row had another shape), was
+    # counted skipped and failed: "invariant broken", exit 3, on every resume.
+    cfg = _config(tmp_path, "vector_total", stage="three_for_zero")
+    text = cfg.read_text().replace("tests.result_stages:numbers}",
+                                   "tests.result_stages:numbers_zero_last}")
+    cfg.write_text(text.replace("workers: 2", "workers: 1"))
+    proc = mpipe("run", cfg, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads((tmp_path / ".mpipe/results/last-run.json").read_text())
+    assert doc["counts"]["committed"] == 1
+    assert sorted(f["key"] for f in doc["failures"]) == ["1", "2", "3"]
+    with h5py.File(tmp_path / "results.h5") as f:
+        assert list(f["done"]) == [True, False, False, False]
+        assert "total" not in f  # it was 0*3 + 1*2 + 2*2 + 3*2, with the refused rows
+    assert "the results file gets no total" in proc.stderr, proc.stderr
+
+    # Items 1-3 are done again first, as rows of 2; "0", replayed, is refused.
+    proc = mpipe("run", cfg, cwd=tmp_path, env={"MPIPE_TEST_ZERO_LAST": "1"})
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads((tmp_path / ".mpipe/results/last-run.json").read_text())
+    counts = doc["counts"]
+    assert (counts["produced"], counts["committed"], counts["skipped"]) == (4, 3, 0), counts
+    [failure] = doc["failures"]
+    assert failure["key"] == "0" and "computes it again" in failure["message"], failure
+
+    # The ledger forgot it: the next run computes it (and refuses it again,
+    # as the stage still returns two shapes), counted once, exit 1, not 3.
+    proc = mpipe("run", cfg, cwd=tmp_path, env={"MPIPE_TEST_ZERO_LAST": "1"})
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads((tmp_path / ".mpipe/results/last-run.json").read_text())
+    assert doc["counts"]["skipped"] == 3 and doc["stages"]["last"]["done"] == 1, doc["counts"]
+    [failure] = doc["failures"]
+    assert failure["key"] == "0" and "earlier run" not in failure["message"], failure
