@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
 import time
 import traceback
 from collections import deque
@@ -81,6 +82,9 @@ def _import_h5py() -> None:
 
 # A batch waits at most this long for more items (see _next_batch).
 GROUP_WAIT_S = 0.002
+# SQLite's primary result codes of a disk that cannot take the ledger's
+# writes: SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN.
+LEDGER_DISK_ERRORS = frozenset({8, 10, 13, 14})
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,16 @@ def writer_main(
     except OSError as exc:
         conn.send(ProcessFailed("writer", str(output_error(exc, Path(spec.tmp_path), "write")),
                                 traceback.format_exc(), exit_code=74))
+    except sqlite3.Error as exc:
+        # The ledger's disk full, failing or read-only is the disk's (74, as
+        # for results.h5); anything else SQLite raises stays a broken run.
+        code = getattr(exc, "sqlite_errorcode", None)
+        disk = code is not None and code & 0xFF in LEDGER_DISK_ERRORS
+        conn.send(ProcessFailed(
+            "writer", f"cannot write the resume ledger {spec.ledger_path}: {exc}"
+            + ("; free disk space (or make it writable), then run the same command again: "
+               "finished items are kept" if disk else ""),
+            traceback.format_exc(), exit_code=74 if disk else 3))
     except Exception as exc:
         conn.send(ProcessFailed("writer", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     finally:

@@ -93,3 +93,10 @@ def three_for_zero(value: int) -> list[float]:
 
 def vector_total(values: Iterable[list[float]]) -> float:
     return float(sum(sum(v) for v in values))
+
+
+def wide_row(value: int) -> Any:
+    """256 KiB of float64 per item: a few fill a small disk's ledger."""
+    import numpy as np
+
+    return np.full(32768, float(value))

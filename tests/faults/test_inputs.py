@@ -231,3 +231,28 @@ def test_a_machine_limit_at_start_is_a_clear_error_not_a_traceback(tmp_path: Pat
     assert "internal error" not in proc.stderr and "mpipe/cli.py" not in proc.stderr
     doc = json.loads((tmp_path / ".mpipe/few/last-run.json").read_text())
     assert doc["status"] == "not_started" and doc["exit_code"] == 3
+
+
+def test_a_full_disk_under_the_ledger_exits_74_naming_it(tmp_path: Path) -> None:
+    # SQLite's "database or disk is full" is no OSError: it was reported as a
+    # broken run (exit 3) instead of the full disk it is.
+    state = tmp_path / ".mpipe"
+    state.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(state)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        cfg = tmp_path / "pipeline.yaml"
+        cfg.write_text(
+            "pipeline: results\nworkdir: .\nparams: {n: 20}\n"
+            "source: {fn: tests.result_stages:numbers}\n"
+            "stages:\n  last: {fn: tests.result_stages:wide_row, workers: 1}\n"
+            "consumer: {fn: tests.result_stages:log_only}\n"
+            "writer: {path: results.h5}\nallowed_modules: [tests.result_stages]\n")
+        proc = mpipe("run", cfg, cwd=tmp_path)
+        assert proc.returncode == 74, proc.stderr
+        assert "cannot write the resume ledger" in proc.stderr, proc.stderr
+        assert "free disk space" in proc.stderr, proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
