@@ -56,9 +56,14 @@ class RunPaths:
             try:
                 return resolve_inside(workdir, value, allow_outside=cfg.allow_outside_workdir)
             except PathEscapeError as exc:
-                raise ConfigError(f"{key}: {exc}") from None
+                raise ConfigError(f"{key}: {exc}{loaded.where(key)}") from None
 
         results = inside("writer.path", cfg.writer.path)
+        if results.is_dir():
+            # Found now, not when the run is over and its results are renamed there.
+            raise ConfigError(
+                f"writer.path: {results} is a directory{loaded.where('writer.path')}",
+                hint="name the results file, e.g. writer.path: results.h5")
         return cls(
             workdir=workdir,
             lock=workdir / ".mpipe" / "lock",

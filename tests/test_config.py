@@ -50,7 +50,12 @@ def write(tmp_path: Path, text: str) -> Path:
                       "params: !!python/object/apply:os.system ['echo pwned']"),
          ["safe loader"]),
         (GOOD.replace("source:", "sauce:"), ["sauce", "unknown key", "source", "required"]),
-        (GOOD + "writer: {path: ../escaped.h5}\n", ["writer.path", "outside the workdir"]),
+        (GOOD + "writer: {path: ../escaped.h5}\n",
+         ["writer.path", "outside the workdir", "line 10"]),
+        # Was found only after every item was done, as the results were renamed
+        # there (exit 74), leaving a temporary file beside it, outside the workdir.
+        (GOOD + "writer: {path: .}\n",
+         ["writer.path", "is a directory", "line 10", "e.g. writer.path: results.h5"]),
         (GOOD.replace("workers: 2", "workers: 2\n    workers: 3"),
          ["stages.compute.workers: duplicate key", "line 9", "first at line 8"]),
         # Longer than the runner's wait can take: was exit 70 (OverflowError) at start.
@@ -67,7 +72,8 @@ def write(tmp_path: Path, text: str) -> Path:
           "line 10"]),
     ],
     ids=["syntax", "unknown-key", "wrong-type", "workers-0", "no-attr", "no-module",
-         "not-allowed", "python-tag", "missing", "path-escape", "duplicate-key",
+         "not-allowed", "python-tag", "missing", "path-escape", "results-a-directory",
+         "duplicate-key",
          "timeout-too-long", "grace-too-long", "keep-freed-too-much", "keep-freed-too-little"],
 )
 def test_bad_config_exits_2_naming_key_and_line(
