@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mpipe import allocator, imports, outputs, procs
-from mpipe.context import SlotFlags, StageContext, StopFlag
+from mpipe.context import PathEscapeError, SlotFlags, StageContext, StopFlag
 from mpipe.errors import OutputError
 from mpipe.messages import (
     ItemDone,
@@ -213,6 +213,9 @@ def _run_one(
         result = fn(value, ctx) if with_ctx else fn(value)
     except OutputError as exc:
         return failure("output", str(exc), exc), None
+    except PathEscapeError as exc:
+        # The stage asked for a path outside the workdir: so would every attempt.
+        return failure("raised", f"{type(exc).__name__}: {exc}", exc, retryable=False), None
     except OSError as exc:
         if exc.errno in FATAL_ERRNOS:
             return failure("output", str(output_error(exc, Path(exc.filename or "?"), "write")),

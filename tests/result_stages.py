@@ -100,3 +100,10 @@ def wide_row(value: int) -> Any:
     import numpy as np
 
     return np.full(32768, float(value))
+
+
+def escapes_for_two(value: int, ctx: Any) -> float:
+    """Item 2 asks for a path outside the workdir: every attempt would."""
+    if value == 2:
+        ctx.path("../elsewhere")
+    return float(value)

@@ -45,7 +45,8 @@ def test_a_last_stage_returning_none_fails_that_item_at_that_stage(tmp_path: Pat
 
 
 @pytest.mark.parametrize(("stage", "kind"), [("none_for_two", "result"),
-                                             ("lock_for_two", "pickle")])
+                                             ("lock_for_two", "pickle"),
+                                             ("escapes_for_two", "raised")])
 def test_a_value_no_attempt_could_store_is_not_retried(tmp_path: Path, stage: str,
                                                        kind: str) -> None:
     # Another attempt would return the same None or lock: the item fails at
