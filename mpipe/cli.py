@@ -67,9 +67,13 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    # nan passed `<= 0` and made the progress line spin; inf overflowed its timer.
+    if not 0 < value < MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be > 0 and < {MAX_SECONDS:.0f} (got {text})")
     return value
+
+
+MAX_SECONDS = 864_000.0  # ten days, as config.MAX_WAIT_S bounds the YAML's durations
 
 
 def _positive_int(text: str) -> int:
@@ -170,11 +174,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "tune", help="measure worker counts on a sample and recommend them",
         description="Run a short sample of the workload (mpipe run --limit N) with several "
         "worker counts per stage, in a scratch workdir under <workdir>/.mpipe/tune/ (the real "
-        "output_dirs, results and ledger untouched), print items/s and CPU %% per count and "
+        "output_dirs, results and ledger untouched), print items/s and CPU % per count and "
         "recommend counts; --write puts them in the YAML, keeping its comments.")
     with_config(tune)
     tune.add_argument("--workers", type=_int_list, metavar="N,N,...",
-                      help="worker counts to try per stage (default: 1, cores, 2*cores)")
+                      help="worker counts to try per stage (default: 1, cores, 2*cores, and "
+                      "3*cores with fsync on)")
     tune.add_argument("--limit", type=_positive_int, metavar="N",
                       help="items per sample run (default: max(8, 2 * the largest count))")
     tune.add_argument("--write", action="store_true",

@@ -551,6 +551,18 @@ def test_every_flag_is_in_the_help() -> None:
             assert flag in proc.stdout and flag in top.stdout, (command, flag)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_a_duration_flag_must_be_a_finite_positive_number(tmp_path: Path, value: str) -> None:
+    # nan passed the `<= 0` check and printed the progress line in a loop;
+    # inf killed the progress thread with an OverflowError.
+    for command in (["run", "--progress-interval", value], ["tune", "--trial-timeout", value]):
+        proc = mpipe(command[0], tmp_path / "pipeline.yaml", *command[1:])
+        assert proc.returncode == 2, proc.stderr
+        assert f"must be > 0 and < 864000 (got {value})" in proc.stderr, proc.stderr
+    # The tune help's description is not %-formatted: one % sign.
+    assert "CPU % per count" in " ".join(mpipe("tune", "--help").stdout.split())
+
+
 def test_make_run_passes_flags_through(tmp_path: Path) -> None:
     make_inputs(tmp_path, 3)
     cfg = notes_config(tmp_path, tasks=3, repeat=0)
