@@ -888,6 +888,12 @@ class Runner:
 
     def _advance(self, now: float) -> None:
         s = self._state
+        if s.stopping and self._pools[0].queue:
+            # A worker that died or exited while stopping hands its unstarted
+            # items (and a retry) back to the first queue, which takes nothing
+            # more: never started, and counted so.
+            s.not_started += len(self._pools[0].queue)
+            self._pools[0].queue.clear()
         busy = any(p.in_flight for p in self._pools)
         queued = any(p.queue for p in self._pools[1:]) or (
             not s.stopping and bool(self._pools[0].queue or s.source_backlog))

@@ -245,3 +245,11 @@ def uses_a_thread_pool(value: dict[str, int], ctx: StageContext) -> Any:
 
         _pool = ThreadPoolExecutor(2)
     return _pool.submit(notes.process_task, value, ctx).result()
+
+
+def quick_but_300_dies_late(value: int) -> float:
+    """Quick items (so workers prefetch many); item 300 sleeps 4 s, then its worker dies."""
+    if value == 300:
+        time.sleep(4.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return float(value)
