@@ -1065,6 +1065,16 @@ class Runner:
                 self._seal_reply = self._sealer.answer()
             if clean and isinstance(self._seal_reply, Sealed) and self._sealer.exitcode == 0:
                 self._mark_clean_exit()
+        if not (self._sealer is not None and self._sealer.sealing):
+            # Not sealed (stopped, broken): the writers' file, all of them
+            # gone now, is of no use (the next run rebuilds it from the
+            # ledger), and beside a writer.path outside the workdir no walk
+            # would ever find it.
+            try:
+                self.paths.results_tmp.unlink(missing_ok=True)
+            except OSError as exc:
+                logger.debug("cannot remove %s (%s): the next run looks for it",
+                             self.paths.results_tmp, exc)
         self._walked_at = None  # decided once, under the lock
         for q in ("_source_queue", "_sink_queue"):
             if hasattr(self, q):

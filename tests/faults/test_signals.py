@@ -60,6 +60,7 @@ def test_signal_commits_what_finished_then_resume_completes(
     # In-flight items were allowed to finish: nothing finished was lost.
     done = sorted(p.name for p in (tmp_path / "output").iterdir())
     assert len(done) == committed, (done, doc["counts"])
+    assert not list(tmp_path.glob("results.h5.mpipe-tmp-*")), list(tmp_path.iterdir())
 
     again = subprocess.run([sys.executable, "-m", "mpipe", "run", str(cfg)],
                            capture_output=True, text=True, timeout=60,

@@ -173,6 +173,10 @@ def test_source_that_raises_breaks_the_run_but_keeps_its_items(tmp_path: Path) -
     assert proc.returncode == 3, proc.stderr
     assert "the source broke" in proc.stderr
     assert report(tmp_path)["counts"]["committed"] == 2
+    # Not sealed: the writer's temporary results file is removed, not left
+    # for the next run to find (or, beside a writer.path outside the workdir,
+    # for no run to find).
+    assert not list(tmp_path.glob("results.h5.mpipe-tmp-*")), list(tmp_path.iterdir())
 
 
 def test_consumer_killed_ends_the_run_promptly(tmp_path: Path) -> None:
