@@ -268,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"mpipe: error: cannot open the log file {args.log_file}: {exc.strerror}",
               file=sys.stderr)
         sys.exit(2)
+    global _log_json, _log_to_file
+    _log_json = getattr(args, "log_format", "text") == "json"
+    _log_to_file = getattr(args, "log_file", None) is not None
     try:
         if args.command == "run":
             from mpipe import forkserver
@@ -279,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _print_error(exc)
         code = exc.exit_code
     except KeyboardInterrupt:
-        print("mpipe: interrupted", file=sys.stderr)
+        _say("interrupted", exit_code=130)
         code = 130
     except OSError as exc:
         code = _stdout_failed(exc)
@@ -335,10 +338,9 @@ def _stdout_reader_gone() -> bool:
 
 
 def _internal_error() -> int:
-    traceback.print_exc()
-    print(f"mpipe: internal error: a bug in mpipe {__version__}; please report it with "
-          "the traceback above. Committed items are kept: the same command resumes.",
-          file=sys.stderr)
+    _say(f"internal error: a bug in mpipe {__version__}; please report it with "
+         "its traceback. Committed items are kept: the same command resumes.",
+         exit_code=InternalError.exit_code, exc_info=True)
     return InternalError.exit_code
 
 
@@ -648,9 +650,26 @@ def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
 
 
 def _print_error(error: MpipeError) -> None:
-    print(f"mpipe: error: {error}", file=sys.stderr)
-    for note in getattr(error, "__notes__", ()):
-        print(f"  also: {note}", file=sys.stderr)
+    notes = "".join(f"\n  also: {note}" for note in getattr(error, "__notes__", ()))
+    _say(f"error: {error}{notes}", exit_code=error.exit_code)
+
+
+# Where the closing error goes besides stderr's text: as a log record, in the
+# log's own format, when the log is JSON (a collector reading stderr as JSON
+# lines would choke on text) or goes to a file (which should hold the outcome).
+_log_json = False
+_log_to_file = False
+
+
+def _say(text: str, *, exit_code: int, exc_info: bool = False) -> None:
+    """``mpipe: <text>`` on stderr, and/or a log record of it (see above)."""
+    if _log_json or _log_to_file:
+        logging.getLogger("mpipe").error("%s", text, exc_info=exc_info,
+                                         extra={"exit_code": exit_code})
+    if not _log_json or _log_to_file:
+        if exc_info:
+            traceback.print_exc()
+        print(f"mpipe: {text}", file=sys.stderr)
 
 
 def _write_reports(doc: dict[str, Any], targets: list[Path], *,
@@ -671,7 +690,7 @@ def _write_reports(doc: dict[str, Any], targets: list[Path], *,
             if failing is not None:
                 failing.add_note(exc.message)
             else:
-                print(f"mpipe: error: {exc}", file=sys.stderr)
+                _say(f"error: {exc}", exit_code=exc.exit_code)
             failed = failed or exc
     return failed
 

@@ -47,6 +47,9 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
+        exit_code = getattr(record, "exit_code", None)
+        if exit_code is not None:  # the closing error of mpipe.cli
+            doc["exit_code"] = exit_code
         return json.dumps(doc, ensure_ascii=False)
 
 

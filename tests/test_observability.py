@@ -534,6 +534,29 @@ def test_log_file_in_json(tmp_path: Path) -> None:
     assert "retrying" not in proc.stderr, "the runner's records belong in the log file"
 
 
+def test_the_closing_error_follows_the_log_format_and_file(tmp_path: Path) -> None:
+    # With --log-format json the last lines on stderr were text ("mpipe: error:
+    # ...", "  hint: ..."), which a collector reading JSON lines chokes on; with
+    # --log-file the file never said how the run ended.
+    make_inputs(tmp_path, 3)
+    cfg = notes_config(tmp_path, tasks=3, repeat=0, fn="tests.faults.stages:notes_with_fault")
+    fault = ("--set", "params.fault=raise", "--set", "params.fault_key=t001",
+             "--set", "params.fault_times=9")
+    proc = mpipe("run", cfg, "--quiet", "--log-format", "json", *fault)
+    assert proc.returncode == 1, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]  # every line
+    last = records[-1]
+    assert last["level"] == "ERROR" and last["exit_code"] == 1, last
+    assert "1 of 3 items failed" in last["message"] and "hint:" in last["message"], last
+
+    log = tmp_path / "run.log"
+    proc = mpipe("run", cfg, "--quiet", "--fresh", "--log-file", log, *fault)
+    assert proc.returncode == 1, proc.stderr
+    assert "mpipe: error: 1 of 3 items failed" in proc.stderr, proc.stderr
+    assert [line for line in log.read_text().splitlines()
+            if "ERROR" in line and "1 of 3 items failed" in line], log.read_text()
+
+
 def test_every_flag_is_in_the_help() -> None:
     top = mpipe("--help")
     assert top.returncode == 0
