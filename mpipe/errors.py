@@ -60,7 +60,8 @@ class ItemsFailedError(MpipeError):
         where = f"; details in {report_path}" if report_path else ""
         super().__init__(
             f"{failed} of {total} items failed{where}",
-            hint="fix the cause and run the same command again: finished items are not redone",
+            hint="fix the cause and run the same command again: committed items are not redone, "
+            "unless what made them changed (editing a stage's code redoes its items)",
         )
         self.failed = failed
 

@@ -548,6 +548,9 @@ def test_the_closing_error_follows_the_log_format_and_file(tmp_path: Path) -> No
     last = records[-1]
     assert last["level"] == "ERROR" and last["exit_code"] == 1, last
     assert "1 of 3 items failed" in last["message"] and "hint:" in last["message"], last
+    # Fixing the stage redoes its items (their fingerprint holds its code): the
+    # hint said "finished items are not redone".
+    assert "editing a stage's code redoes its items" in last["message"], last
 
     log = tmp_path / "run.log"
     proc = mpipe("run", cfg, "--quiet", "--fresh", "--log-file", log, *fault)
