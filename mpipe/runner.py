@@ -182,7 +182,7 @@ class Runner:
         self._children: list[BaseProcess] = []
         self._pools: list[Pool] = []
         self._signals: list[tuple[int, float]] = []  # (signum, time.monotonic())
-        self._in_prepare = False  # see _on_signal
+        self._interruptible = False  # see _on_signal
         self._old_handlers: dict[int, Any] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._old_wakeup_fd = -1
@@ -203,21 +203,28 @@ class Runner:
         self._t0 = time.monotonic()
         self._lock.acquire()
         try:
-            self._prepare_workdir()
-            # Before prepare: a SIGTERM during a long prepare used to kill mpipe
-            # without a report (and, as PID 1, to be lost); now it stops it.
+            # Before the workdir's leftover walk (seconds on a large workdir)
+            # and prepare: a SIGTERM there used to kill mpipe without a report
+            # (and, as PID 1, to be lost); now it stops them where they are.
             self._install_signal_handlers()
+            self._interruptible = True
+            try:
+                self._prepare_workdir()
+            except _Stopped as stop:
+                raise InterruptedRunError(stop.signum, 0) from None
+            finally:
+                self._interruptible = False
             if self._prepare is not None:
                 # Under the run lock: no other run reads inputs while they are made.
                 t = time.monotonic()
                 ctx = SourceContext(dict(self.config.params), self.paths.workdir,
                                     self.config.allow_outside_workdir)
                 try:
-                    self._in_prepare = True  # a signal now raises _Stopped in it
+                    self._interruptible = True
                     try:
                         imports.call_with_optional_context(self._prepare, ctx=ctx)
                     finally:
-                        self._in_prepare = False
+                        self._interruptible = False
                 except _Stopped as stop:
                     raise InterruptedRunError(stop.signum, 0) from None
                 except KeyboardInterrupt:  # raised by the prepare's own code
@@ -371,8 +378,10 @@ class Runner:
             self._old_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._in_prepare:
-            raise _Stopped(signum)  # prepare is the user's code: stop it where it is
+        if self._interruptible:
+            # The leftover walk, prepare (the user's code): nothing started
+            # yet, nothing to finish: stop them where they are.
+            raise _Stopped(signum)
         self._signals.append((signum, time.monotonic()))
 
     def _start(self) -> None:

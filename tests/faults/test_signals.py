@@ -136,6 +136,30 @@ def test_a_signal_during_prepare_ends_the_run_with_its_code_and_a_report(
     assert doc["exit_code"] == code and doc["status"] == "not_started"
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_the_leftover_walk_ends_the_run_with_its_code_and_a_report(
+        tmp_path: Path, signum: int, code: int) -> None:
+    # The handlers came after the workdir's leftover walk (seconds on a large
+    # workdir): SIGTERM killed mpipe with no report (and was lost as PID 1).
+    # The clean-exit mark as a FIFO holds the runner there: reading it blocks.
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    (tmp_path / ".mpipe").mkdir()
+    os.mkfifo(tmp_path / ".mpipe" / "clean-exit")
+    proc = start_mpipe("run", cfg)
+    wait_for(lambda: (tmp_path / ".mpipe" / "lock").exists() and proc.poll() is None)
+    time.sleep(1.0)  # into the open() of the FIFO
+    assert proc.poll() is None
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert time.monotonic() - sent < 10
+    assert f"interrupted by {signal.Signals(signum).name}" in err, err
+    doc = report(tmp_path)
+    assert doc["exit_code"] == code and doc["status"] == "not_started"
+
+
 def test_runner_killed_leaves_no_worker(tmp_path: Path) -> None:
     make_inputs(tmp_path, 4)
     cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=3, fn=SLEEPY)
