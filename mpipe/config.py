@@ -270,8 +270,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *,
         raise ConfigError(f"{path}: the top level must be a mapping of keys, not {kind}")
     raw = _interpolate_env(raw, path, lines)
     for item in overrides:
-        key = _apply_override(raw, item)
-        lines[key] = FROM_COMMAND_LINE
+        for key in _apply_override(raw, item):
+            lines[key] = FROM_COMMAND_LINE
     if remembered:
         from mpipe import validated
 
@@ -350,8 +350,13 @@ def _interpolate_env(value: Any, path: Path, lines: Mapping[str, int], key: str 
     return _ENV_REF.sub(expand, value)
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> str:
-    """Apply one ``--set dotted.key=value``; the value is parsed as YAML."""
+def _apply_override(raw: dict[str, Any], item: str) -> list[str]:
+    """Apply one ``--set dotted.key=value``; the value is parsed as YAML.
+
+    Returns the dotted keys it wrote: the key, and every mapping it had to
+    create on the way (``stages.comput`` of a mistyped stage name), so that
+    an error about them points at the command line, not at the file.
+    """
     if "=" not in item:
         raise ConfigError(
             f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.compute.workers=2")
@@ -364,16 +369,18 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
     target: dict[str, Any] = raw
-    for part in parts[:-1]:
+    written = []
+    for depth, part in enumerate(parts[:-1], start=1):
         child = target.get(part)
         if child is None:
             child = {}
             target[part] = child
+            written.append(".".join(parts[:depth]))
         if not isinstance(child, dict):
             raise ConfigError(f"--set {item!r}: {part!r} is not a mapping, cannot set a key in it")
         target = child
     target[parts[-1]] = value
-    return ".".join(parts)
+    return [*written, ".".join(parts)]
 
 
 def locate(path: Path, lines: Mapping[str, int], key: str) -> str:

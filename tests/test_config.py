@@ -174,3 +174,8 @@ def test_bad_set_override(tmp_path: Path) -> None:
     assert "(from --set)" in proc.stderr
     proc = mpipe("run", cfg, "--set", "nonsense")
     assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr
+    # A mistyped stage name makes a new stage without fn: that was blamed on
+    # the file's `stages:` line, which the user never wrote so.
+    proc = mpipe("validate", cfg, "--set", "stages.comput.workers=2")
+    assert proc.returncode == 2, proc.stderr
+    assert "stages.comput.fn: required key is missing (from --set)" in proc.stderr, proc.stderr
