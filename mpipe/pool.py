@@ -386,7 +386,8 @@ class StagePool:
                 procs.kill_tree(w.process)
                 w.killed = w.stuck_at_start = True
                 continue
-            if w.held and w.deadline is not None and w.deadline <= now:
+            if (w.held and w.deadline is not None and w.deadline <= now
+                    and not _poll(w.conn)):  # its answer may be there, unread
                 item = w.held.popleft()
                 self._requeue_untouched(w)
                 logger.warning("%s: item %s ran past timeout_s=%s; killing %s (pid %s)",
