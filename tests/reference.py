@@ -1,4 +1,4 @@
-"""An independent serial computation of the notes workload (shared/WORKLOAD.md).
+"""An independent serial computation of the notes workload (docs/WORKLOAD.md).
 
 Written from the workload's definition, not from mpipe's code: inputs are
 regenerated from the seed (not read back), and nothing here imports mpipe.

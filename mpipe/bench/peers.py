@@ -3,7 +3,7 @@
 Run by path, ``python mpipe/bench/peers.py RUNNER ...``, so a peer's process
 imports numpy and the standard library only: its start-up cost is what a user
 of that approach pays, not mpipe's.  Every runner does the same work per task
-as ``mpipe.workloads.notes.process_task`` (shared/WORKLOAD.md): load the 26
+as ``mpipe.workloads.notes.process_task`` (docs/WORKLOAD.md): load the 26
 inputs, low-pass each ``repeat`` times, take the RMS of each, save the 26
 outputs (fsynced, then the directory, when ``--fsync``), return the 26-vector;
 the parent sums the vectors (the notes' ``res += result``).

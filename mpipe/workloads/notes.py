@@ -1,4 +1,4 @@
-"""The study notes' workload (``shared/WORKLOAD.md``), as mpipe stages.
+"""The study notes' workload (``docs/WORKLOAD.md``), as mpipe stages.
 
 Task ``t`` reads 26 float32 files, low-pass filters each ``repeat`` times with
 an FFT, writes 26 files, and returns the RMS of each output channel; the
