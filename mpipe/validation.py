@@ -48,7 +48,10 @@ def describe(exc: ValidationError, path: Path, lines: Mapping[str, int]) -> str:
             text = "unknown key (check its spelling against the README's YAML reference)"
         elif kind in ("missing", "missing_argument"):
             text = "required key is missing"
-        elif not key or isinstance(got, dict):
+        elif kind == "string_pattern_mismatch" and key.endswith(".fn"):
+            text = f"expected module:function, e.g. my_stages:process (got {got!r})"
+        elif not key or isinstance(got, dict) or "(got " in error["msg"]:
+            # mpipe's own checks name the value themselves.
             text = error["msg"].removeprefix("Value error, ")
         else:
             text = f"{error['msg'].removeprefix('Value error, ')} (got {got!r})"

@@ -39,7 +39,11 @@ def write(tmp_path: Path, text: str) -> Path:
         (GOOD.replace("workers: 2", "workers: 2\n    queue_size: lots"),
          ["stages.compute.queue_size", "integer", "line 9"]),
         (GOOD.replace("workers: 2", "workers: 0"),
-         ["stages.compute.workers", ">= 1", "got 0", "line 8"]),
+         ["stages.compute.workers: must be >= 1 or 'auto' (got 0), pipeline.yaml line 8"]),
+        # Said as what is expected, not as pydantic's regular expression.
+        (GOOD.replace("mpipe.workloads.notes:process_task", "mpipe.workloads.notes.process_task"),
+         ["stages.compute.fn: expected module:function, e.g. my_stages:process (got "
+          "'mpipe.workloads.notes.process_task'), pipeline.yaml line 7"]),
         (GOOD.replace("process_task", "no_such_function"),
          ["stages.compute.fn", "no attribute 'no_such_function'", "line 7"]),
         (GOOD.replace("mpipe.workloads.notes:process_task", "nosuchmodule:fn"),
@@ -71,7 +75,8 @@ def write(tmp_path: Path, text: str) -> Path:
          ["keep_freed_memory_mb", "must be 0 (glibc's own settings) or 32 to 2047 (got 8)",
           "line 10"]),
     ],
-    ids=["syntax", "unknown-key", "wrong-type", "workers-0", "no-attr", "no-module",
+    ids=["syntax", "unknown-key", "wrong-type", "workers-0", "fn-without-colon", "no-attr",
+         "no-module",
          "not-allowed", "python-tag", "missing", "path-escape", "results-a-directory",
          "duplicate-key",
          "timeout-too-long", "grace-too-long", "keep-freed-too-much", "keep-freed-too-little"],
