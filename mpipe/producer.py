@@ -93,19 +93,28 @@ def producer_main(
     try:
         fn = imports.import_checked(spec.fn, spec.pipeline_dir)
         seen: set[str] = set()
-        items = imports.call_with_optional_context(fn, ctx=ctx)
+        returned = imports.call_with_optional_context(fn, ctx=ctx)
+        try:
+            items = iter(returned)
+        except TypeError:
+            raise _Misuse(f"returned {type(returned).__name__}, not an iterable of items: "
+                          "return a list (or any iterable) or yield the items") from None
         for index, raw in enumerate(items):
             if stop_event.is_set():
                 break
             task = raw if isinstance(raw, Task) else Task(key=str(index), value=raw)
             if task.key in seen:
-                raise ValueError(f"the source yielded the key {task.key!r} twice")
+                raise _Misuse(f"yielded the key {task.key!r} twice: keys name items in the "
+                              "ledger and must be unique")
             seen.add(task.key)
             sender.add(_message(index, task, ctx, spec, committed))
             if spec.limit is not None and index + 1 >= spec.limit:
                 break  # before asking the source for one more (it may wait or cost)
+    except _Misuse as exc:
+        # What the source gave, not where mpipe found it: no traceback into mpipe.
+        failed = SourceFailed(str(exc), "")
     except Exception as exc:
-        failed = SourceFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        failed = SourceFailed(f"raised {type(exc).__name__}: {exc}", traceback.format_exc())
     finally:
         if committed is not None:
             committed.close()
@@ -113,6 +122,10 @@ def producer_main(
     if failed is not None:
         out.put(dumps(failed))
     out.put(dumps(EndOfStream("producer")))
+
+
+class _Misuse(Exception):
+    """The source function gave what mpipe cannot take (said without a traceback)."""
 
 
 class _Sender:

@@ -745,7 +745,8 @@ class Runner:
             elif isinstance(message, SourceFailed) and not s.stopping:
                 # (While stopping, as before, the stop decides how the run ends.)
                 s.errors.append(PipelineBrokenError(
-                    f"the source function raised {message.message}\n{message.traceback}",
+                    f"the source function {message.message}"
+                    + (f"\n{message.traceback}" if message.traceback else ""),
                     hint="items produced before the error are finished and committed"))
             self._admit_source()
 

@@ -107,3 +107,14 @@ def escapes_for_two(value: int, ctx: Any) -> float:
     if value == 2:
         ctx.path("../elsewhere")
     return float(value)
+
+
+def source_returning_none(ctx: Any) -> None:
+    """A source written to fill a list it forgot to return."""
+
+
+def source_with_a_repeated_key(ctx: Any) -> Iterable[Any]:
+    from mpipe import Task
+
+    yield Task(key="a", value=1)
+    yield Task(key="a", value=2)

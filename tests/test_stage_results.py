@@ -166,3 +166,20 @@ def test_rows_the_writer_rejects_leave_no_total_and_a_replayed_one_is_forgotten(
     assert doc["counts"]["skipped"] == 3 and doc["stages"]["last"]["done"] == 1, doc["counts"]
     [failure] = doc["failures"]
     assert failure["key"] == "0" and "earlier run" not in failure["message"], failure
+
+
+@pytest.mark.parametrize(("source", "said"), [
+    ("source_returning_none", "the source function returned NoneType, not an iterable of "
+     "items: return a list (or any iterable) or yield the items"),
+    ("source_with_a_repeated_key", "the source function yielded the key 'a' twice: keys "
+     "name items in the ledger and must be unique"),
+])
+def test_a_source_that_gives_what_mpipe_cannot_take_is_told_so_plainly(
+        tmp_path: Path, source: str, said: str) -> None:
+    # Was "the source function raised TypeError: 'NoneType' object is not
+    # iterable" and, for a repeated key, a traceback into mpipe/producer.py.
+    cfg = _config(tmp_path, "total")
+    proc = mpipe("run", cfg, "--set", f"source.fn=tests.result_stages:{source}", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert said in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
