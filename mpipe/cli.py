@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipe import __version__, logsetup
-from mpipe.errors import InternalError, MpipeError, OutputError, RunLockedError
+from mpipe.errors import ConfigError, InternalError, MpipeError, OutputError, RunLockedError
 
 if TYPE_CHECKING:
     # Imported where used: `mpipe run` starts the forkserver before paying for
@@ -588,6 +588,10 @@ def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
     from mpipe.runner import Runner
 
     global _skip_teardown
+    if args.report is not None and args.report.is_dir():
+        # Found now, not when the run is over and its report cannot be written.
+        raise ConfigError(f"--report {args.report}: is a directory",
+                          hint="name the report file, e.g. --report run.json")
     loaded = _load(args, meanwhile=start_sealer)
     cfg = loaded.config
     _skip_teardown = cfg.prepare is None

@@ -560,6 +560,16 @@ def test_the_closing_error_follows_the_log_format_and_file(tmp_path: Path) -> No
             if "ERROR" in line and "1 of 3 items failed" in line], log.read_text()
 
 
+def test_a_report_path_that_is_a_directory_is_refused_before_the_run(tmp_path: Path) -> None:
+    # Was found after every item was done: exit 74, "cannot write ...".
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0)
+    proc = mpipe("run", cfg, "--report", tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--report {tmp_path}: is a directory" in proc.stderr, proc.stderr
+    assert not (tmp_path / "output").exists()  # nothing ran
+
+
 def test_every_flag_is_in_the_help() -> None:
     top = mpipe("--help")
     assert top.returncode == 0
