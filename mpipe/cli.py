@@ -375,9 +375,11 @@ def _console() -> Console:
             self.quiet = True
             raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
-    # A pipe has no width: rich would assume 80 columns and fold the table.
+    # A pipe has no width: rich would assume 80 columns and fold the table; a
+    # log (cron, a journal) keeps each sentence on one line. The table itself
+    # takes only the width its columns need.
     wide = sys.stdout.isatty() or "COLUMNS" in os.environ
-    return PipeAwareConsole(file=sys.stdout, width=None if wide else 120)
+    return PipeAwareConsole(file=sys.stdout, width=None if wide else 1000)
 
 
 def _load(args: argparse.Namespace, *,

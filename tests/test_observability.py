@@ -211,6 +211,11 @@ def test_a_slow_stage_is_named_the_bottleneck(tmp_path: Path) -> None:
         assert column in out
     assert re.search(r"^bottleneck: slow\b", out, re.M), out
     assert "raise stages.slow.workers (now 1; cores:" in out
+    # Into a pipe (cron, a journal), each sentence stays on one line: folded
+    # at 120 columns they were split mid-sentence.
+    [line] = [x for x in out.splitlines() if x.startswith("bottleneck: slow")]
+    assert line.endswith(("of the time", "of its worker-time")), out
+    assert len(line) > 120, line
     report = read_report(tmp_path, "obs")
     verdict = report["analysis"]["bottleneck"]
     assert verdict["stage"] == "slow" and verdict["kind"] == "compute"
