@@ -182,8 +182,8 @@ class PipelineConfig:
     prepare: PrepareConfig | None = None
     consumer: ConsumerConfig | None = None
     writer: WriterConfig = field(default_factory=WriterConfig)
-    # Workers computing at once (until the last wave); default: the cores.
-    cpu_slots: Annotated[int | None, Rule(ge=1)] = None
+    # Workers computing at once (until the last wave); default (None, "auto"): the cores.
+    cpu_slots: Annotated[int | Literal["auto"] | None, Check(_workers_positive)] = None
     # Freed memory each stage worker keeps for its next items (mpipe.allocator);
     # 0: the C library's own settings.  mallopt takes a C int: at most 2047 MiB.
     keep_freed_memory_mb: Annotated[int, Rule(ge=0, le=2047),
@@ -245,7 +245,8 @@ class LoadedConfig:
         return "local" if self.config.backend == "local" else "dask"
 
     def cpu_slot_count(self) -> int:
-        return self.config.cpu_slots or usable_cores()
+        slots = self.config.cpu_slots
+        return usable_cores() if slots in (None, "auto") else int(slots)
 
 
 # --------------------------------------------------------------------------- loading

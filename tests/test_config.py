@@ -172,6 +172,20 @@ def test_env_interpolation(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "MPIPE_UNSET_VAR" in proc.stderr
 
 
+def test_cpu_slots_takes_auto_as_workers_does(tmp_path: Path) -> None:
+    from mpipe.cores import usable_cores
+
+    cfg = write(tmp_path, GOOD + "cpu_slots: auto\n")
+    for _ in range(2):  # validated, then remembered (mpipe.validated)
+        plan = mpipe("plan", cfg)
+        assert plan.returncode == 0, plan.stderr
+        assert f"cpu_slots {usable_cores()} (shared by all stages)" in plan.stdout, plan.stdout
+    plan = mpipe("plan", cfg, "--set", "cpu_slots=3")
+    assert "cpu_slots 3 (shared by all stages)" in plan.stdout, plan.stdout
+    proc = mpipe("plan", cfg, "--set", "cpu_slots=0")
+    assert proc.returncode == 2 and "cpu_slots: must be >= 1 or 'auto' (got 0)" in proc.stderr
+
+
 def test_bad_set_override(tmp_path: Path) -> None:
     cfg = write(tmp_path, GOOD)
     proc = mpipe("run", cfg, "--set", "stages.compute.workers=-1")
