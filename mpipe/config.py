@@ -266,6 +266,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *,
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     lines, raw = _parse_yaml(text, path)
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty",
+                          hint="start from the repository's pipeline.yaml")
     if not isinstance(raw, dict):
         kind = type(raw).__name__
         raise ConfigError(f"{path}: the top level must be a mapping of keys, not {kind}")

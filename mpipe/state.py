@@ -59,6 +59,12 @@ class RunPaths:
                 raise ConfigError(f"{key}: {exc}{loaded.where(key)}") from None
 
         results = inside("writer.path", cfg.writer.path)
+        if results.is_relative_to((workdir / ".mpipe").resolve()):
+            # mpipe's own: the state directory is cleaned and locked by runs.
+            raise ConfigError(
+                f"writer.path: {results} is inside mpipe's state directory "
+                f"{workdir / '.mpipe'}{loaded.where('writer.path')}",
+                hint="put the results file elsewhere in the workdir, e.g. results.h5")
         if results.is_dir():
             # Found now, not when the run is over and its results are renamed there.
             raise ConfigError(

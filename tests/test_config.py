@@ -60,6 +60,9 @@ def write(tmp_path: Path, text: str) -> Path:
         # there (exit 74), leaving a temporary file beside it, outside the workdir.
         (GOOD + "writer: {path: .}\n",
          ["writer.path", "is a directory", "line 10", "e.g. writer.path: results.h5"]),
+        (GOOD + "writer: {path: .mpipe/results.h5}\n",
+         ["writer.path", "inside mpipe's state directory", "line 10"]),
+        ("", ["the file is empty"]),
         (GOOD.replace("workers: 2", "workers: 2\n    workers: 3"),
          ["stages.compute.workers: duplicate key", "line 9", "first at line 8"]),
         # Longer than the runner's wait can take: was exit 70 (OverflowError) at start.
@@ -78,6 +81,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ids=["syntax", "unknown-key", "wrong-type", "workers-0", "fn-without-colon", "no-attr",
          "no-module",
          "not-allowed", "python-tag", "missing", "path-escape", "results-a-directory",
+         "results-in-state", "empty-file",
          "duplicate-key",
          "timeout-too-long", "grace-too-long", "keep-freed-too-much", "keep-freed-too-little"],
 )
