@@ -576,6 +576,8 @@ class DaskStagePool:
                 kind="timeout",
                 message=f"ran longer than timeout_s={self.config.timeout_s}s; task cancelled"
                 + (f" and Dask worker {where} restarted" if where else ""),
+                busy_s=float(self.config.timeout_s or 0.0),
+                started_at=time.time() - float(self.config.timeout_s or 0.0),
             ))
 
     def _running_on(self, keys: set[str]) -> dict[str, str]:

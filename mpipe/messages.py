@@ -160,6 +160,10 @@ class ItemFailure(NamedTuple):
     traceback: str = ""
     exception: bytes | None = None
     retryable: bool = True
+    # The attempt's time in the stage: measured where the stage raised; the
+    # timeout for a timeout; 0.0 for a death (its start is not known here).
+    busy_s: float = 0.0
+    started_at: float = 0.0  # time.time() as the attempt started, where known
 
 
 class ReplyBatch(NamedTuple):

@@ -90,13 +90,15 @@ class StageStats:
     io_s: float = 0.0
     cpu_wait_s: float = 0.0
     output_commit_s: float = 0.0  # of io_s: ctx.output_dir commits (fsync if on, rename)
+    failed_busy_s: float = 0.0  # of busy_s: attempts that failed (ItemFailure.busy_s)
     starved_s: float = 0.0  # worker-seconds idle because the input queue was empty
     blocked_s: float = 0.0  # seconds with input waiting but no room downstream
     queue_full_s: float = 0.0  # seconds the input queue was at its queue_size
     dask_threads: int = 0  # a Dask stage: the cluster's threads as it started (0: local)
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
-    # (worker, key, started_at, busy_s, io_s, cpu_wait_s) per finished item,
-    # for the timeline plot; capped so a million-item run stays small.
+    # (worker, key, started_at, busy_s, io_s, cpu_wait_s) per finished item and
+    # per failed attempt whose start is known, for the timeline plot and the
+    # run's work window; capped so a million-item run stays small.
     timeline: list[tuple[str, str, float, float, float, float]] = field(default_factory=list)
 
     def record(self, reply: ItemDone) -> None:
@@ -112,6 +114,17 @@ class StageStats:
         if len(self.timeline) < TIMELINE_CAP:
             self.timeline.append((reply.worker, reply.key, reply.started_at,
                                   reply.busy_s, reply.io_s, reply.cpu_wait_s))
+
+    def record_failed_attempt(self, failure: ItemFailure) -> None:
+        """Count a failed attempt's time as busy: else a stage failing slowly
+        looks idle, and the summary blames its input (both backends)."""
+        self.busy_s += failure.busy_s
+        self.failed_busy_s += failure.busy_s
+        mine = self.per_worker.setdefault(failure.worker, {"items": 0, "busy_s": 0.0})
+        mine["busy_s"] += failure.busy_s
+        if failure.started_at and len(self.timeline) < TIMELINE_CAP:
+            self.timeline.append((failure.worker, failure.key, failure.started_at,
+                                  failure.busy_s, 0.0, 0.0))
 
     def as_json(self) -> dict[str, Any]:
         """The fields as JSON-ready values.  Not ``dataclasses.asdict``: it deep-copies
@@ -400,6 +413,8 @@ class StagePool:
                     seq=item.seq, key=item.key, stage=self.name, worker=w.name,
                     kind="timeout",
                     message=f"ran longer than timeout_s={self.config.timeout_s}s; worker killed",
+                    busy_s=float(self.config.timeout_s or 0.0),
+                    started_at=time.time() - float(self.config.timeout_s or 0.0),
                 ))
 
     def _requeue_untouched(self, w: _Worker) -> None:

@@ -23,6 +23,8 @@ class Counts(Protocol):
     failed: int
     retries: int
 
+    def record_failed_attempt(self, failure: ItemFailure) -> None: ...
+
 
 def settle_failed_attempt(
     *,
@@ -41,6 +43,7 @@ def settle_failed_attempt(
     An output error (disk full, EIO) fails the item and stops the run: every
     other item would meet it too.  ``may_retry`` is False while the run stops.
     """
+    stats.record_failed_attempt(failure)  # its time was the stage's too
     if failure.kind == "output":
         stats.failed += 1
         on_failed(stage, failure)

@@ -204,6 +204,8 @@ def _run_one(
             traceback=traceback.format_exc() if exc is not None else "",
             exception=_pickle_or_none(exc),
             retryable=retryable,
+            busy_s=time.perf_counter() - start,
+            started_at=started_at,
         )
 
     try:

@@ -95,3 +95,11 @@ def write_outputs(x: int, ctx: Any) -> int:
         for i in range(4):
             (d / f"{i}.bin").write_bytes(os.urandom(1 << 20))
     return x
+
+
+def slow_odd_fails(x: int, ctx: Any) -> float:
+    """``params.slow_s`` per attempt; odd items raise every time."""
+    time.sleep(float(ctx.params.get("slow_s", 0.3)))
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return float(x)

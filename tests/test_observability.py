@@ -238,6 +238,36 @@ def test_a_slow_stage_is_named_the_bottleneck(tmp_path: Path) -> None:
     assert re.search(r"^bottleneck: slow\b", again.stdout, re.M)
 
 
+def test_failed_attempts_count_as_busy_time(tmp_path: Path) -> None:
+    # Half the items fail slowly, twice each: their time was counted nowhere,
+    # the stage looked half idle and the summary said "run more items", its
+    # note calling the failing tail "commit and shutdown".
+    cfg = tmp_path / "fails.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        pipeline: fails
+        workdir: .
+        params: {n: 8, slow_s: 0.3}
+        source: {fn: tests.observe_stages:numbers}
+        stages:
+          a: {fn: tests.observe_stages:slow_odd_fails, workers: 2, retries: 1}
+        writer: {path: results.h5}
+        allowed_modules: [tests.observe_stages]
+        fsync: false
+        """))
+    proc = mpipe("run", cfg, "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    report = read_report(tmp_path, "fails")
+    stage = report["stages"]["a"]
+    assert (stage["done"], stage["failed"], stage["retries"]) == (4, 4, 4), stage
+    # 8 failed attempts of 0.3 s each, and 4 good ones.
+    assert 8 * 0.3 <= stage["failed_busy_s"] < stage["busy_s"], stage
+    assert stage["busy_s"] >= 12 * 0.3, stage
+    assert len(stage["timeline"]) == 12  # every attempt, failed ones too
+    assert report["analysis"]["stages"]["a"]["busy_pct"] > 70, report["analysis"]
+    assert report["analysis"]["bottleneck"]["stage"] == "a", report["analysis"]
+    assert "commit and shutdown" not in proc.stdout, proc.stdout
+
+
 def test_output_commits_reach_the_report_as_io(tmp_path: Path) -> None:
     # The stage writes its outputs without ctx.io(): the time its
     # ctx.output_dir blocks took to fsync and rename is still IO, all of it.
