@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +93,11 @@ def test_output_dir_symlinked_outside_the_workdir_is_refused(tmp_path: Path) -> 
     assert "output_dirs.0" in proc.stderr and "outside the workdir" in proc.stderr
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "output"
+@contextmanager
+def _tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``mount`` (made), or the test skipped where none can be."""
     mount.mkdir()
-    # Room for two tasks' outputs (26 x 1.3 MB each) and not a third.
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80M", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
@@ -105,6 +105,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    # Room for two tasks' outputs (26 x 1.3 MB each) and not a third.
+    with _tmpfs(tmp_path / "output", "80M") as mount:
+        yield mount
 
 
 def test_full_disk_stops_the_run_with_nothing_half_written(tmp_path: Path,
@@ -236,13 +243,7 @@ def test_a_machine_limit_at_start_is_a_clear_error_not_a_traceback(tmp_path: Pat
 def test_a_full_disk_under_the_ledger_exits_74_naming_it(tmp_path: Path) -> None:
     # SQLite's "database or disk is full" is no OSError: it was reported as a
     # broken run (exit 3) instead of the full disk it is.
-    state = tmp_path / ".mpipe"
-    state.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(state)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    try:
+    with _tmpfs(tmp_path / ".mpipe", "1M"):
         cfg = tmp_path / "pipeline.yaml"
         cfg.write_text(
             "pipeline: results\nworkdir: .\nparams: {n: 20}\n"
@@ -254,5 +255,3 @@ def test_a_full_disk_under_the_ledger_exits_74_naming_it(tmp_path: Path) -> None
         assert proc.returncode == 74, proc.stderr
         assert "cannot write the resume ledger" in proc.stderr, proc.stderr
         assert "free disk space" in proc.stderr, proc.stderr
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)

@@ -126,13 +126,19 @@ def test_a_signal_during_prepare_ends_the_run_with_its_code_and_a_report(
                        extra="prepare: {fn: tests.faults.stages:prepare_that_waits}\n")
     proc = start_mpipe("run", cfg)
     wait_for(lambda: (tmp_path / "preparing").exists())
+    _stops_before_any_item(proc, tmp_path, signum, code)
+
+
+def _stops_before_any_item(proc: subprocess.Popen[str], workdir: Path, signum: int,
+                           code: int) -> None:
+    """Send ``signum``: the run ends at once with ``code`` and a not_started report."""
     sent = time.monotonic()
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert time.monotonic() - sent < 10
     assert f"interrupted by {signal.Signals(signum).name}" in err, err
-    doc = report(tmp_path)
+    doc = report(workdir)
     assert doc["exit_code"] == code and doc["status"] == "not_started"
 
 
@@ -150,14 +156,7 @@ def test_a_signal_during_the_leftover_walk_ends_the_run_with_its_code_and_a_repo
     wait_for(lambda: (tmp_path / ".mpipe" / "lock").exists() and proc.poll() is None)
     time.sleep(1.0)  # into the open() of the FIFO
     assert proc.poll() is None
-    sent = time.monotonic()
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == code, err
-    assert time.monotonic() - sent < 10
-    assert f"interrupted by {signal.Signals(signum).name}" in err, err
-    doc = report(tmp_path)
-    assert doc["exit_code"] == code and doc["status"] == "not_started"
+    _stops_before_any_item(proc, tmp_path, signum, code)
 
 
 def test_runner_killed_leaves_no_worker(tmp_path: Path) -> None:
