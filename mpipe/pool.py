@@ -277,9 +277,6 @@ class StagePool:
             except OSError:
                 pass
         procs.stop_processes(self.processes(), grace_s=grace_s)
-        for w in self._workers:  # what their stages left running
-            if w.process.pid is not None:
-                procs.kill_group(w.process.pid)
         if any(p.exitcode != 0 for p in self.processes()):
             self._unclean_exit = True
         for w in self._workers:
@@ -479,10 +476,6 @@ class StagePool:
         while w.held and _poll(w.conn) and self._on_message(w):
             pass  # answers sent just before it exited
         w.process.join(0)
-        if w.process.pid is not None:
-            # What its stage started and it left behind, dying (a segfault,
-            # the OOM killer): it could race the item's retry for its outputs.
-            procs.kill_group(w.process.pid)
         self._workers.remove(w)
         self._handlers = None
         w.conn.close()

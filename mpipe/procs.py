@@ -13,8 +13,7 @@
   items fail; mpipe's processes still commit what finished.
 * A child killed by the runner (``timeout_s``, the end of the grace, a stuck
   shutdown) takes the processes its stage started with it
-  (:func:`kill_tree`); so does one whose runner died, and a stage worker that
-  died by itself (its own process group: :func:`lead_own_group`).
+  (:func:`kill_tree`); so does one whose runner died.
 * The kernel does not kill a process whose parent dies.  Every child gets the
   read end of a *lifeline* pipe whose only write end the runner holds; a
   daemon thread blocks on it and exits the child when it reads EOF, i.e. when
@@ -145,35 +144,6 @@ def _kill_pids(pids: Iterable[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass  # exited meanwhile
-
-
-def lead_own_group() -> None:
-    """Make this process (a stage worker) the leader of a new process group.
-
-    What its stage starts joins that group, and stays in it when this process
-    dies: a segfault, the OOM killer or ``os._exit`` leave the stage's tools
-    orphaned, re-parented out of reach of :func:`descendants`, but still
-    members of the group :func:`kill_group` ends.  It also keeps them out of a
-    ``kill -- -PGID`` (``timeout``) meant for the runner's group.
-    """
-    try:
-        os.setpgid(0, 0)
-    except OSError:  # a session leader cannot: keep the runner's group
-        pass
-
-
-def kill_group(pid: int) -> None:
-    """SIGKILL what is left of the process group a dead worker ``pid`` led.
-
-    A group's id stays reserved while it has members, so this cannot reach a
-    stranger's group unless the group emptied and the pid was reused as a
-    group leader in between.
-    """
-    try:
-        if os.getpgid(0) != pid:  # never our own group (a worker that could not lead one)
-            os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass  # ESRCH: nothing left; EPERM: not ours
 
 
 def kill_tree(process: BaseProcess) -> None:

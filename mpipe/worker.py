@@ -82,7 +82,6 @@ def worker_main(
     running: Any,
 ) -> None:
     procs.child_setup(spec.name, lifeline, spec.log_level)
-    procs.lead_own_group()  # before the stage can start anything
     # Before the stage's module is imported: what it allocates counts too.
     allocator.keep_freed_memory(spec.keep_freed_memory_mb)
     fn = imports.import_checked(spec.fn, spec.pipeline_dir)

@@ -62,19 +62,3 @@ def numbers(ctx: Any) -> range:
 def runs_a_tool(value: int, ctx: Any) -> float:
     subprocess.run(["sleep", str(ctx.params.get("tool_s", 2))], check=True)
     return float(value)
-
-
-def starts_a_tool_then_dies(value: int, ctx: Any) -> float:
-    """Item 0's first attempt starts ``sleep 299.5`` and dies (as a segfault would)."""
-    import os
-
-    if value == 0 and ctx.attempt == 1:
-        subprocess.Popen(["sleep", "299.5"])
-        os._exit(3)
-    return float(value)
-
-
-def leaves_a_tool_running(value: int) -> float:
-    """Starts ``sleep 299.25`` and returns without waiting for it."""
-    subprocess.Popen(["sleep", "299.25"])
-    return float(value)

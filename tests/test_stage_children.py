@@ -19,7 +19,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import psutil
-import pytest
 
 from tests.conftest import mpipe, start_mpipe
 
@@ -65,36 +64,6 @@ def test_a_worker_killed_at_timeout_takes_what_its_stage_started(tmp_path: Path)
     # pytest is a child subreaper (conftest): an orphaned `sleep 60` would be ours.
     left = [p for p in psutil.Process().children(recursive=True)
             if p.name() == "sleep" and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, left
-
-
-def _sleeps_left(seconds: str) -> list[psutil.Process]:
-    # pytest is a child subreaper (conftest): an orphaned `sleep` would be ours.
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.name() == "sleep" and p.cmdline()[1:] == [seconds] and \
-                    p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
-@pytest.mark.parametrize(("fn", "seconds", "code"), [
-    # A worker that dies by itself (os._exit; a segfault, the OOM killer) left
-    # its stage's tool running, re-parented, racing the item's retry.
-    ("starts_a_tool_then_dies", "299.5", 0),
-    # A stage that leaves a tool running: it outlived the run.
-    ("leaves_a_tool_running", "299.25", 0),
-])
-def test_what_a_stage_started_does_not_outlive_its_worker(
-        tmp_path: Path, fn: str, seconds: str, code: int) -> None:
-    proc = mpipe("run", _config(tmp_path, fn, n=2), "--quiet", cwd=tmp_path, timeout=60)
-    assert proc.returncode == code, proc.stderr
-    left = _sleeps_left(seconds)
-    for p in left:
-        p.kill()
     assert not left, left
 
 
