@@ -13,7 +13,9 @@
   items fail; mpipe's processes still commit what finished.
 * A child killed by the runner (``timeout_s``, the end of the grace, a stuck
   shutdown) takes the processes its stage started with it
-  (:func:`kill_tree`); so does one whose runner died.
+  (:func:`kill_tree`); so does one whose runner died, and a worker as it
+  exits (:func:`end_what_this_process_left`).  One that dies by itself (a
+  segfault, the OOM killer) leaves them: they are re-parented out of reach.
 * The kernel does not kill a process whose parent dies.  Every child gets the
   read end of a *lifeline* pipe whose only write end the runner holds; a
   daemon thread blocks on it and exits the child when it reads EOF, i.e. when
@@ -144,6 +146,21 @@ def _kill_pids(pids: Iterable[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass  # exited meanwhile
+
+
+def end_what_this_process_left() -> None:
+    """SIGKILL this process's descendants, as it exits: what a stage started and
+    left running would otherwise outlive the run, re-parented out of reach.
+
+    Costs one ``waitpid`` when there are none (most stages start nothing).
+    """
+    try:
+        os.waitpid(-1, os.WNOHANG)  # ChildProcessError: no child at all
+    except ChildProcessError:
+        return
+    except OSError:
+        pass
+    _kill_pids(descendants(os.getpid()))
 
 
 def kill_tree(process: BaseProcess) -> None:

@@ -99,8 +99,11 @@ def worker_main(
         flags=SlotFlags(flags, spec.slot),
     )
     conn.send(WorkerReady(os.getpid()))
-    _serve(conn, fn, with_ctx, ctx, running, spec.slot, spec.last_stage)
-    outputs.exit_if_temporaries_left()
+    try:
+        _serve(conn, fn, with_ctx, ctx, running, spec.slot, spec.last_stage)
+        outputs.exit_if_temporaries_left()  # the stage's threads end first
+    finally:
+        procs.end_what_this_process_left()
 
 
 # Replies of quick items are sent together; a reply never waits longer than this.

@@ -62,3 +62,9 @@ def numbers(ctx: Any) -> range:
 def runs_a_tool(value: int, ctx: Any) -> float:
     subprocess.run(["sleep", str(ctx.params.get("tool_s", 2))], check=True)
     return float(value)
+
+
+def leaves_a_tool_running(value: int) -> float:
+    """Starts ``sleep 299.25`` and returns without waiting for it."""
+    subprocess.Popen(["sleep", "299.25"])
+    return float(value)

@@ -67,6 +67,25 @@ def test_a_worker_killed_at_timeout_takes_what_its_stage_started(tmp_path: Path)
     assert not left, left
 
 
+def test_what_a_stage_left_running_does_not_outlive_the_run(tmp_path: Path) -> None:
+    # A stage that starts a tool and returns without waiting: the tool outlived
+    # the run (re-parented as its worker exited).
+    proc = mpipe("run", _config(tmp_path, "leaves_a_tool_running", n=2), "--quiet",
+                 cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # pytest is a child subreaper (conftest): an orphaned `sleep` would be ours.
+    left = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.cmdline() == ["sleep", "299.25"] and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except psutil.Error:
+            pass
+    for p in left:
+        p.kill()
+    assert not left, left
+
+
 def test_ctrl_c_to_the_group_lets_a_stages_tool_finish_within_the_grace(
         tmp_path: Path) -> None:
     # Ctrl-C reaches every process of the foreground group, a stage's
