@@ -380,7 +380,10 @@ class Runner:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._interruptible:
             # The leftover walk, prepare (the user's code): nothing started
-            # yet, nothing to finish: stop them where they are.
+            # yet, nothing to finish: stop them where they are.  Once: an
+            # echo (`timeout` signals the group too) must not raise again
+            # while the first is being handled.
+            self._interruptible = False
             raise _Stopped(signum)
         self._signals.append((signum, time.monotonic()))
 
@@ -717,8 +720,9 @@ class Runner:
             elif signum == s.signal and at - s.signal_at < SAME_STOP_REQUEST_S:
                 # `timeout` and `kill -- -PGID` send one request to the runner
                 # and again to its process group, a few ms apart.
-                logger.info("%s again after %.3fs: the same stop request",
-                            signal.Signals(signum).name, at - s.signal_at)
+                logger.warning("%s again after %.3fs: taken as the same stop request; "
+                               "send it again to stop at once",
+                               signal.Signals(signum).name, at - s.signal_at)
             else:
                 logger.warning("second signal: stopping at once")
                 s.hard_stop = True
