@@ -264,9 +264,10 @@ def _exactly(a: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, A
 
 def _rejection(message: SinkItem, reason: str) -> ItemFailure:
     # A replayed item was committed by an earlier run whose first row differed
-    # from this run's: the writer drops it from the ledger too.
-    again = ("; it was committed by an earlier run and is forgotten: the next run "
-             "computes it again" if message.replayed else "")
+    # from this run's: it stays committed in the ledger.
+    again = ("; it was committed by an earlier run, and stays so: make every item's "
+             "result one shape and number type (editing the stage redoes its items)"
+             if message.replayed else "")
     return ItemFailure(
         seq=message.seq, key=message.key, stage="writer", worker="writer",
         kind="raised", message=f"its result cannot go into the results file: {reason}{again}",

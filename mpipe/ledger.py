@@ -55,14 +55,12 @@ class Ledger:
         ).fetchone()
         return Entry(row[0], row[1], row[2]) if row else None
 
-    def commit(self, entries: Iterable[Entry], forget: Iterable[str] = ()) -> None:
-        """Record ``entries`` and drop the keys in ``forget``, in one transaction."""
+    def commit(self, entries: Iterable[Entry]) -> None:
         with self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO items (key, fingerprint, value) VALUES (?, ?, ?)",
                 [(e.key, e.fingerprint, e.value) for e in entries],
             )
-            self._db.executemany("DELETE FROM items WHERE key = ?", [(k,) for k in forget])
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM items").fetchone()[0])

@@ -203,7 +203,8 @@ class Committed(NamedTuple):
     keys: tuple[str, ...]
     replayed: int = 0
     rejected: tuple[ItemFailure, ...] = ()
-    # Of ``rejected``, the replayed ones: counted as skipped when produced.
+    # Of ``rejected``, the replayed ones: counted as skipped when produced (they
+    # stay in the ledger).
     rejected_replayed: int = 0
 
 

@@ -136,11 +136,11 @@ def writer_main(
                     f = None
                 rejected_keys = {r.key for r in rejected}
                 good = [m for m in batch if m.key not in rejected_keys]
-                forgotten = [m.key for m in batch if m.replayed and m.key in rejected_keys]
+                # A replayed row refused here stays in the ledger: committed
+                # work is never dropped for a conflict with this run's rows.
+                refused_replays = sum(m.replayed and m.key in rejected_keys for m in batch)
                 store.commit(
-                    (ledger.Entry(m.key, m.fingerprint, m.value)
-                     for m in good if not m.replayed),
-                    forget=forgotten,
+                    ledger.Entry(m.key, m.fingerprint, m.value) for m in good if not m.replayed
                 )
             finally:
                 lock.release()
@@ -149,7 +149,7 @@ def writer_main(
                     keys=tuple(m.key for m in good),
                     replayed=sum(m.replayed for m in good),
                     rejected=tuple(rejected),
-                    rejected_replayed=len(forgotten),
+                    rejected_replayed=refused_replays,
                 )
             )
         if f is not None:

@@ -128,7 +128,7 @@ def test_a_value_whose_array_conversion_raises_fails_its_item_not_its_worker(
     assert failure["kind"] == "result" and "refuses to become an array" in failure["message"]
 
 
-def test_rows_the_writer_rejects_leave_no_total_and_a_replayed_one_is_forgotten(
+def test_rows_the_writer_rejects_leave_no_total_and_a_replayed_one_is_counted_once(
         tmp_path: Path) -> None:
     # The consumer folds a value as it forwards it to the writer, which may
     # still refuse its row (a shape unlike the first row's): the sealed total
@@ -156,16 +156,19 @@ def test_rows_the_writer_rejects_leave_no_total_and_a_replayed_one_is_forgotten(
     counts = doc["counts"]
     assert (counts["produced"], counts["committed"], counts["skipped"]) == (4, 3, 0), counts
     [failure] = doc["failures"]
-    assert failure["key"] == "0" and "computes it again" in failure["message"], failure
+    assert failure["key"] == "0" and "committed by an earlier run, and stays so" in \
+        failure["message"], failure
 
-    # The ledger forgot it: the next run computes it (and refuses it again,
-    # as the stage still returns two shapes), counted once, exit 1, not 3.
+    # Committed work is never dropped: the next run replays all four, refuses
+    # "0" again (its shape still differs), counted once, exit 1, not 3.
     proc = mpipe("run", cfg, cwd=tmp_path, env={"MPIPE_TEST_ZERO_LAST": "1"})
     assert proc.returncode == 1, proc.stderr
     doc = json.loads((tmp_path / ".mpipe/results/last-run.json").read_text())
-    assert doc["counts"]["skipped"] == 3 and doc["stages"]["last"]["done"] == 1, doc["counts"]
+    counts = doc["counts"]
+    assert (counts["produced"], counts["committed"], counts["skipped"]) == (4, 0, 3), counts
+    assert doc["stages"]["last"]["done"] == 0, doc["stages"]["last"]
     [failure] = doc["failures"]
-    assert failure["key"] == "0" and "earlier run" not in failure["message"], failure
+    assert failure["key"] == "0" and "earlier run" in failure["message"], failure
 
 
 @pytest.mark.parametrize(("source", "said"), [
