@@ -308,8 +308,8 @@ def _stdout_failed(exc: OSError) -> int:
             except OSError:
                 where = "standard output"
                 _silence_stdout()
-        print(f"mpipe: error: cannot write{f' to {where}' if where else ''}: {exc.strerror}",
-              file=sys.stderr)
+        _say(f"error: cannot write{f' to {where}' if where else ''}: {exc.strerror}",
+             exit_code=OutputError.exit_code)
         return OutputError.exit_code
     return _internal_error()
 
@@ -657,7 +657,10 @@ def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
 
 def _print_error(error: MpipeError) -> None:
     notes = "".join(f"\n  also: {note}" for note in getattr(error, "__notes__", ()))
-    _say(f"error: {error}{notes}", exit_code=error.exit_code)
+    _say(f"error: {error}{notes}", exit_code=error.exit_code,
+         # The log has it already: its closing record need only say how it ended.
+         record=f"exit {error.exit_code}: the error logged above{notes}"
+         if error.logged else None)
 
 
 # Where the closing error goes besides stderr's text: as a log record, in the
@@ -667,10 +670,12 @@ _log_json = False
 _log_to_file = False
 
 
-def _say(text: str, *, exit_code: int, exc_info: bool = False) -> None:
-    """``mpipe: <text>`` on stderr, and/or a log record of it (see above)."""
+def _say(text: str, *, exit_code: int, exc_info: bool = False,
+         record: str | None = None) -> None:
+    """``mpipe: <text>`` on stderr, and/or a log record of it, or of ``record``
+    if given (see above)."""
     if _log_json or _log_to_file:
-        logging.getLogger("mpipe").error("%s", text, exc_info=exc_info,
+        logging.getLogger("mpipe").error("%s", record or text, exc_info=exc_info,
                                          extra={"exit_code": exit_code})
     if not _log_json or _log_to_file:
         if exc_info:

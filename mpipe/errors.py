@@ -28,6 +28,7 @@ class MpipeError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.logged = False  # the runner logged it as it happened (mpipe.cli says less)
 
     def __str__(self) -> str:
         if self.hint:

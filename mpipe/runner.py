@@ -863,6 +863,7 @@ class Runner:
     def _stop_on_error(self, error: MpipeError) -> None:
         """The run cannot succeed, but what is in flight may still commit."""
         logger.error("%s", error)
+        error.logged = True
         self._state.errors.append(error)
         self._request_stop(grace_s=self.config.shutdown_grace_s)
 
@@ -870,6 +871,7 @@ class Runner:
         """Nothing more can be committed: stop now."""
         s = self._state
         logger.error("%s", error)
+        error.logged = True
         s.errors.append(error)
         s.hard_stop = True
         self._request_stop(grace_s=0)

@@ -595,6 +595,23 @@ def test_the_closing_error_follows_the_log_format_and_file(tmp_path: Path) -> No
             if "ERROR" in line and "1 of 3 items failed" in line], log.read_text()
 
 
+def test_an_error_the_runner_logged_is_not_logged_again_as_the_run_closes(
+        tmp_path: Path) -> None:
+    # The consumer dies: the runner logs the error as it happens; the closing
+    # record says how the run ended instead of repeating it.
+    make_inputs(tmp_path, 4)
+    cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2)
+    proc = mpipe("run", cfg, "--quiet", "--log-format", "json",
+                 "--set", "consumer.fn=tests.faults.stages:consumer_killed_after",
+                 "--set", "params.consumer_dies_after=1")
+    assert proc.returncode == 3, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]  # every line
+    errors = [r for r in records if r["level"] == "ERROR"]
+    assert sum("the consumer" in r["message"] for r in errors) == 1, errors
+    assert errors[-1]["exit_code"] == 3, errors
+    assert errors[-1]["message"] == "exit 3: the error logged above", errors
+
+
 def test_a_report_path_that_is_a_directory_is_refused_before_the_run(tmp_path: Path) -> None:
     # Was found after every item was done: exit 74, "cannot write ...".
     make_inputs(tmp_path, 2)
