@@ -164,6 +164,8 @@ class ItemFailure(NamedTuple):
     # timeout for a timeout; 0.0 for a death (its start is not known here).
     busy_s: float = 0.0
     started_at: float = 0.0  # time.time() as the attempt started, where known
+    io_s: float = 0.0  # of busy_s, as in ItemDone (where the stage raised)
+    cpu_wait_s: float = 0.0
 
 
 class ReplyBatch(NamedTuple):

@@ -137,5 +137,6 @@ def plot_timeline(report: dict[str, Any], out: Path) -> PlotInfo:
         raise OutputError(f"cannot write the plot to {out}: {exc}") from None
     except ValueError as exc:  # an unknown format, from the suffix
         raise ConfigError(f"cannot write the plot to {out}: {exc}") from None
-    logger.info("timeline of %d items on %d rows written to %s", info.bars, len(info.rows), out)
+    logger.info("timeline of %d attempts on %d rows written to %s", info.bars, len(info.rows),
+                out)
     return PlotInfo(path=out, rows=info.rows, bars=info.bars)

@@ -118,13 +118,17 @@ class StageStats:
     def record_failed_attempt(self, failure: ItemFailure) -> None:
         """Count a failed attempt's time as busy: else a stage failing slowly
         looks idle, and the summary blames its input (both backends)."""
+        if not failure.busy_s:
+            return  # a death: no time known, and no worker row to make for it
         self.busy_s += failure.busy_s
         self.failed_busy_s += failure.busy_s
+        self.io_s += failure.io_s
+        self.cpu_wait_s += failure.cpu_wait_s
         mine = self.per_worker.setdefault(failure.worker, {"items": 0, "busy_s": 0.0})
         mine["busy_s"] += failure.busy_s
         if failure.started_at and len(self.timeline) < TIMELINE_CAP:
             self.timeline.append((failure.worker, failure.key, failure.started_at,
-                                  failure.busy_s, 0.0, 0.0))
+                                  failure.busy_s, failure.io_s, failure.cpu_wait_s))
 
     def as_json(self) -> dict[str, Any]:
         """The fields as JSON-ready values.  Not ``dataclasses.asdict``: it deep-copies

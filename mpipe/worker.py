@@ -208,6 +208,8 @@ def _run_one(
             retryable=retryable,
             busy_s=time.perf_counter() - start,
             started_at=started_at,
+            io_s=ctx.io_s,
+            cpu_wait_s=ctx.cpu_wait_s,
         )
 
     try:

@@ -99,7 +99,8 @@ def write_outputs(x: int, ctx: Any) -> int:
 
 def slow_odd_fails(x: int, ctx: Any) -> float:
     """``params.slow_s`` per attempt; odd items raise every time."""
-    time.sleep(float(ctx.params.get("slow_s", 0.3)))
+    with ctx.io():  # as if reading its input
+        time.sleep(float(ctx.params.get("slow_s", 0.3)))
     if x % 2:
         raise ValueError(f"odd {x}")
     return float(x)

@@ -263,9 +263,24 @@ def test_failed_attempts_count_as_busy_time(tmp_path: Path) -> None:
     assert 8 * 0.3 <= stage["failed_busy_s"] < stage["busy_s"], stage
     assert stage["busy_s"] >= 12 * 0.3, stage
     assert len(stage["timeline"]) == 12  # every attempt, failed ones too
+    # Their IO too, or an IO-bound stage failing often would drift to "compute".
+    assert stage["io_s"] >= 12 * 0.3 * 0.95, stage
+    assert set(stage["per_worker"]) == {"a-1", "a-2"}, stage["per_worker"]
     assert report["analysis"]["stages"]["a"]["busy_pct"] > 70, report["analysis"]
     assert report["analysis"]["bottleneck"]["stage"] == "a", report["analysis"]
     assert "commit and shutdown" not in proc.stdout, proc.stdout
+
+
+def test_a_death_adds_no_time_and_no_worker_row() -> None:
+    # Its start is not known (nor, on Dask, always its worker): a row named
+    # "dask" with nothing in it was drawn in the timeline plot.
+    from mpipe.messages import ItemFailure
+    from mpipe.pool import StageStats
+
+    stats = StageStats()
+    stats.record_failed_attempt(ItemFailure(seq=0, key="0", stage="a", worker="dask",
+                                            kind="died", message="gone"))
+    assert (stats.busy_s, stats.per_worker, stats.timeline) == (0.0, {}, [])
 
 
 def test_output_commits_reach_the_report_as_io(tmp_path: Path) -> None:
