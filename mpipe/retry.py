@@ -47,8 +47,10 @@ def settle_failed_attempt(
     if failure.kind == "output":
         stats.failed += 1
         on_failed(stage, failure)
-        on_fatal(OutputError(f"stage {stage!r}, item {item.key}: {failure.message}",
-                             hint="free space or fix the disk, then run the same "
+        # The failure's own message may end in the OutputError's hint: one hint.
+        what, _, hint = failure.message.partition("\n  hint: ")
+        on_fatal(OutputError(f"stage {stage!r}, item {item.key}: {what}",
+                             hint=hint or "free space or fix the disk, then run the same "
                              "command again: finished items are kept"))
         return
     # A result that cannot be pickled or stored is the stage's code, not the

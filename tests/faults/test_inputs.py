@@ -121,6 +121,9 @@ def test_full_disk_stops_the_run_with_nothing_half_written(tmp_path: Path,
     proc = mpipe("run", cfg)
     assert proc.returncode == 74, proc.stderr
     assert "No space left on device" in proc.stderr
+    # One hint, not the item's own and then the run's.
+    closing = proc.stderr[proc.stderr.index("mpipe: error:"):]
+    assert closing.count("hint:") == 1, closing
     finished = sorted(p.name for p in small_disk.iterdir())
     assert not [n for n in finished if ".mpipe-" in n], finished
     for name in finished:  # every task directory there is complete
