@@ -976,6 +976,14 @@ class Runner:
 
     def _finish(self) -> RunResult:
         s = self._state
+        if s.hard_stop:
+            # Done by their stage, not known to be committed (the writer may
+            # have, unacknowledged): not finished in this run, as the items a
+            # stage held at the grace's end; the next run skips what the
+            # ledger has.
+            s.not_started += len(s.sink_pending) + s.sink_in_flight
+            s.sink_pending.clear()
+            s.sink_in_flight = 0
         result = self._counted(s, "complete")
         for pool in self._pools:
             pool.stats.workers = pool.size  # Dask's `workers: auto` is the cluster's threads

@@ -253,3 +253,12 @@ def quick_but_300_dies_late(value: int) -> float:
         time.sleep(4.0)
         os.kill(os.getpid(), signal.SIGKILL)
     return float(value)
+
+
+def consumer_slow(results: Any) -> Any:
+    """Folds one value every 2 s: finished items wait for the sink meanwhile."""
+    count = 0
+    for _ in results:
+        time.sleep(2.0)
+        count += 1
+    return float(count)

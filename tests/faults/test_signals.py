@@ -227,3 +227,32 @@ def test_items_a_worker_held_when_it_died_during_the_grace_are_counted_not_start
     assert counts["not_started"] > 0, counts
     assert counts["produced"] == (counts["committed"] + counts["skipped"] + counts["failed"]
                                   + counts["not_started"]), counts
+
+
+def test_a_hard_stop_counts_the_items_still_on_their_way_to_the_writer(
+        tmp_path: Path) -> None:
+    # Items done by their stage but not yet committed (the consumer is slow)
+    # were counted nowhere when a second signal stopped the run at once.
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(
+        "pipeline: notes\nworkdir: .\nparams: {n: 6}\n"
+        "source: {fn: tests.result_stages:numbers}\n"
+        "stages:\n  quick: {fn: tests.result_stages:as_float, workers: 2}\n"
+        "consumer: {fn: tests.faults.stages:consumer_slow}\nwriter: {path: results.h5}\n"
+        "allowed_modules: [tests.result_stages, tests.faults.stages]\nfsync: false\n")
+    proc = start_mpipe("run", cfg, "--log-level", "INFO", cwd=tmp_path)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "processes are up" in line:
+            break
+    time.sleep(1.0)  # every item done by its stage; the consumer on its first
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "second signal: stopping at once" in err, err
+    counts = report(tmp_path)["counts"]
+    assert counts["produced"] == 6, counts
+    assert counts["produced"] == (counts["committed"] + counts["skipped"] + counts["failed"]
+                                  + counts["not_started"]), counts
