@@ -115,9 +115,15 @@ def _watch_lifeline(lifeline: Connection) -> None:
     os._exit(LIFELINE_EXIT)
 
 
-def descendants(pid: int) -> list[int]:
-    """The processes below ``pid`` (its children, theirs, ...), read from /proc."""
+def descendants(pid: int, *, same_session: bool = False) -> list[int]:
+    """The processes below ``pid`` (its children, theirs, ...), read from /proc.
+
+    With ``same_session``, not those in another session than ``pid``'s, nor
+    below them: a process started with ``start_new_session`` (a daemon a stage
+    meant to detach) is left alone.
+    """
     children: dict[int, list[int]] = {}
+    sessions: dict[int, int] = {}
     try:
         entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
     except OSError:
@@ -128,13 +134,16 @@ def descendants(pid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue  # gone meanwhile
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(name))
+        # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rindex(b")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(name))
+        sessions[int(name)] = int(fields[3])
     found: list[int] = []
     todo = [pid]
     while todo:
         for child in children.get(todo.pop(), ()):
+            if same_session and sessions.get(child) != sessions.get(pid):
+                continue
             found.append(child)
             todo.append(child)
     return found
@@ -152,15 +161,20 @@ def end_what_this_process_left() -> None:
     """SIGKILL this process's descendants, as it exits: what a stage started and
     left running would otherwise outlive the run, re-parented out of reach.
 
-    Costs one ``waitpid`` when there are none (most stages start nothing).
+    Call it last: after the stage's threads and multiprocessing's finalizers
+    (a Pool the stage kept stops its own workers; killed under it, its
+    finalizer would wait for ever for the lock a dead worker held).  Not what
+    the stage started in a session of its own (a daemon it meant to detach).
+    Costs one ``waitid`` that reaps nothing when there is no child (most
+    stages start none).
     """
     try:
-        os.waitpid(-1, os.WNOHANG)  # ChildProcessError: no child at all
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
-        return
+        return  # no child at all
     except OSError:
         pass
-    _kill_pids(descendants(os.getpid()))
+    _kill_pids(descendants(os.getpid(), same_session=True))
 
 
 def kill_tree(process: BaseProcess) -> None:

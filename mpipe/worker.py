@@ -103,6 +103,10 @@ def worker_main(
         _serve(conn, fn, with_ctx, ctx, running, spec.slot, spec.last_stage)
         outputs.exit_if_temporaries_left()  # the stage's threads end first
     finally:
+        # Also when the stage raised SystemExit: its threads and finalizers
+        # end as at any exit (each does nothing the second time), then what
+        # its processes left.
+        outputs.end_other_threads()
         procs.end_what_this_process_left()
 
 

@@ -68,3 +68,24 @@ def leaves_a_tool_running(value: int) -> float:
     """Starts ``sleep 299.25`` and returns without waiting for it."""
     subprocess.Popen(["sleep", "299.25"])
     return float(value)
+
+
+_kept_pool: Any = None
+
+
+def keeps_a_pool_then_exits(value: int) -> float:
+    """Keeps a Pool across items (a module global); item 1 raises SystemExit."""
+    global _kept_pool
+    if _kept_pool is None:
+        _kept_pool = multiprocessing.Pool(2)
+    _kept_pool.map(_square, range(3))
+    if value == 1:
+        raise SystemExit(0)
+    return float(value)
+
+
+def detaches_a_daemon(value: int) -> float:
+    """Starts ``sleep 299.75`` in a session of its own: meant to outlive the item."""
+    subprocess.Popen(["sleep", "299.75"], start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return float(value)

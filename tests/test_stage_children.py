@@ -73,17 +73,48 @@ def test_what_a_stage_left_running_does_not_outlive_the_run(tmp_path: Path) -> N
     proc = mpipe("run", _config(tmp_path, "leaves_a_tool_running", n=2), "--quiet",
                  cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    # pytest is a child subreaper (conftest): an orphaned `sleep` would be ours.
-    left = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.cmdline() == ["sleep", "299.25"] and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(p)
-        except psutil.Error:
-            pass
+    left = _sleeps("299.25")
     for p in left:
         p.kill()
     assert not left, left
+
+
+def _sleeps(argument: str) -> list[psutil.Process]:
+    # pytest is a child subreaper (conftest): an orphaned `sleep` would be ours.
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.cmdline() == ["sleep", argument] and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_worker_that_exits_lets_a_pool_its_stage_kept_stop_first(tmp_path: Path) -> None:
+    # Its stage's processes were killed before multiprocessing's finalizers ran:
+    # the kept Pool's finalizer then waited for ever for a lock a killed pool
+    # worker held, and the run with it.
+    cfg = _config(tmp_path, "keeps_a_pool_then_exits", n=4)
+    cfg.write_text(cfg.read_text().replace("workers: 2", "workers: 1"))
+    start = time.monotonic()
+    proc = mpipe("run", cfg, "--quiet", cwd=tmp_path, timeout=90)
+    assert proc.returncode == 1, proc.stderr  # item 1 exits on every attempt
+    assert time.monotonic() - start < 60
+    doc = json.loads((tmp_path / ".mpipe/children/last-run.json").read_text())
+    assert (doc["counts"]["committed"], doc["counts"]["failed"]) == (3, 1), doc["counts"]
+
+
+def test_a_daemon_a_stage_detached_is_left_alone(tmp_path: Path) -> None:
+    # start_new_session: the stage meant it to outlive the item (a server its
+    # items share); only what stayed in the worker's session is ended with it.
+    proc = mpipe("run", _config(tmp_path, "detaches_a_daemon", n=1), "--quiet",
+                 cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    left = _sleeps("299.75")
+    for p in left:
+        p.kill()
+    assert len(left) == 1, left
 
 
 def test_ctrl_c_to_the_group_lets_a_stages_tool_finish_within_the_grace(
