@@ -686,6 +686,7 @@ class Runner:
             batch = tuple(s.sink_pending.popleft() for _ in range(take))
             self._sink_queue.put(dumps(SinkBatch(batch)))
             s.sink_in_flight += take
+            s.replays_in_flight += sum(item.replayed for item in batch)
 
     def _on_stage_done(self, stage: str, done: ItemDone) -> None:
         s = self._state
@@ -819,6 +820,7 @@ class Runner:
         s = self._state
         if isinstance(message, Committed):
             s.sink_in_flight -= len(message.keys) + len(message.rejected)
+            s.replays_in_flight -= message.replayed + message.rejected_replayed
             s.committed += len(message.keys) - message.replayed
             s.replayed += message.replayed
             s.skipped -= message.rejected_replayed  # a failure now, not a skip
@@ -981,9 +983,11 @@ class Runner:
             # have, unacknowledged): not finished in this run, as the items a
             # stage held at the grace's end; the next run skips what the
             # ledger has.
-            s.not_started += len(s.sink_pending) + s.sink_in_flight
+            # Not the replayed ones: counted skipped as they were produced.
+            s.not_started += (sum(not item.replayed for item in s.sink_pending)
+                              + s.sink_in_flight - s.replays_in_flight)
             s.sink_pending.clear()
-            s.sink_in_flight = 0
+            s.sink_in_flight = s.replays_in_flight = 0
         result = self._counted(s, "complete")
         for pool in self._pools:
             pool.stats.workers = pool.size  # Dask's `workers: auto` is the cluster's threads
@@ -1153,6 +1157,7 @@ class _State:
     source_backlog: deque[SourceItem | SkippedItem | ItemFailure] = field(default_factory=deque)
     sink_pending: deque[SinkItem] = field(default_factory=deque)
     sink_in_flight: int = 0
+    replays_in_flight: int = 0  # of sink_in_flight, replayed from the ledger
     total: bytes | None = None
     producer_ended: bool = False
     producer_exited: bool = False

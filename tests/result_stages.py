@@ -118,3 +118,19 @@ def source_with_a_repeated_key(ctx: Any) -> Iterable[Any]:
 
     yield Task(key="a", value=1)
     yield Task(key="a", value=2)
+
+
+def numbers_replays_last(ctx: Any) -> Iterable[Any]:
+    """Keys "0".."5"; with MPIPE_TEST_REPLAYS_LAST set, "3".."5" first, then
+    "0".."2" 1.5 s later (the ones an earlier ``--limit 3`` run committed)."""
+    import os
+    import time
+
+    from mpipe import Task
+
+    if not os.environ.get("MPIPE_TEST_REPLAYS_LAST"):
+        yield from (Task(key=str(v), value=v) for v in range(6))
+        return
+    yield from (Task(key=str(v), value=v) for v in (3, 4, 5))
+    time.sleep(1.5)
+    yield from (Task(key=str(v), value=v) for v in (0, 1, 2))

@@ -13,7 +13,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, check_against_reference, make_inputs, notes_config, start_mpipe
+from tests.conftest import (
+    REPO,
+    check_against_reference,
+    make_inputs,
+    mpipe,
+    notes_config,
+    start_mpipe,
+)
 
 SLEEPY = "tests.faults.stages:sleepy"
 
@@ -236,16 +243,23 @@ def test_a_hard_stop_counts_the_items_still_on_their_way_to_the_writer(
     cfg = tmp_path / "pipeline.yaml"
     cfg.write_text(
         "pipeline: notes\nworkdir: .\nparams: {n: 6}\n"
-        "source: {fn: tests.result_stages:numbers}\n"
+        "source: {fn: tests.result_stages:numbers_replays_last}\n"
         "stages:\n  quick: {fn: tests.result_stages:as_float, workers: 2}\n"
         "consumer: {fn: tests.faults.stages:consumer_slow}\nwriter: {path: results.h5}\n"
         "allowed_modules: [tests.result_stages, tests.faults.stages]\nfsync: false\n")
-    proc = start_mpipe("run", cfg, "--log-level", "INFO", cwd=tmp_path)
+    # Three items committed first: the next run replays them too (skipped).
+    first = mpipe("run", cfg, "--limit", "3", "--set", "consumer.fn=tests.result_stages:total",
+                  cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    # Now the new items first; the replays 1.5 s later, to a consumer still
+    # folding the first value (2 s each): they wait on their way to the writer.
+    proc = start_mpipe("run", cfg, "--log-level", "INFO", cwd=tmp_path,
+                       env={"MPIPE_TEST_REPLAYS_LAST": "1"})
     assert proc.stderr is not None
     for line in proc.stderr:
         if "processes are up" in line:
             break
-    time.sleep(1.0)  # every item done by its stage; the consumer on its first
+    time.sleep(2.0)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -253,6 +267,7 @@ def test_a_hard_stop_counts_the_items_still_on_their_way_to_the_writer(
     assert proc.returncode == 130, err
     assert "second signal: stopping at once" in err, err
     counts = report(tmp_path)["counts"]
-    assert counts["produced"] == 6, counts
+    assert (counts["produced"], counts["skipped"]) == (6, 3), counts
+    # The replayed ones count as skipped only, not also as not started.
     assert counts["produced"] == (counts["committed"] + counts["skipped"] + counts["failed"]
                                   + counts["not_started"]), counts
