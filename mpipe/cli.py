@@ -657,10 +657,12 @@ def _run(args: argparse.Namespace, start_sealer: Callable[[], object],
 
 def _print_error(error: MpipeError) -> None:
     notes = "".join(f"\n  also: {note}" for note in getattr(error, "__notes__", ()))
+    first_line = error.message.split("\n", 1)[0]
     _say(f"error: {error}{notes}", exit_code=error.exit_code,
-         # The log has it already: its closing record need only say how it ended.
-         record=f"exit {error.exit_code}: the error logged above{notes}"
-         if error.logged else None)
+         # The log has it whole already (its traceback too): the closing record
+         # says how the run ended and why, in a line.
+         record=f"exit {error.exit_code}: {first_line} (logged above){notes}"
+         if getattr(error, "logged", False) else None)
 
 
 # Where the closing error goes besides stderr's text: as a log record, in the

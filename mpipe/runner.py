@@ -183,6 +183,7 @@ class Runner:
         self._pools: list[Pool] = []
         self._signals: list[tuple[int, float]] = []  # (signum, time.monotonic())
         self._interruptible = False  # see _on_signal
+        self._stopped_before_run: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._old_wakeup_fd = -1
@@ -247,6 +248,10 @@ class Runner:
                         hint="nothing was started; fix what it needs, then run the "
                         "same command again") from exc
                 self.prepare_s = time.monotonic() - t
+            if self._stopped_before_run is not None:
+                # A prepare that caught everything (`except BaseException`)
+                # went on: the stop still holds.
+                raise InterruptedRunError(self._stopped_before_run, 0)
             # After prepare: a user's prepare may fork, which a process with a
             # thread starting a cluster should not do.
             self._start_dask_early()
@@ -384,6 +389,7 @@ class Runner:
             # echo (`timeout` signals the group too) must not raise again
             # while the first is being handled.
             self._interruptible = False
+            self._stopped_before_run = signum  # if prepare's own code swallows the raise
             raise _Stopped(signum)
         self._signals.append((signum, time.monotonic()))
 
@@ -1035,8 +1041,9 @@ class Runner:
         if s.rejected_rows:
             logger.warning(
                 "the results file gets no total: the consumer's value includes %d item(s) "
-                "whose result the results file could not take (see the failures); fix them "
-                "and run the same command again", s.rejected_rows)
+                "whose result the results file could not take (see the failures); make every "
+                "item's result one shape and number type (editing the stage redoes its items)",
+                s.rejected_rows)
             return dumps(None)
         return s.total
 

@@ -173,6 +173,18 @@ def prepare_that_waits(ctx: StageContext) -> None:
         pass
 
 
+def prepare_that_swallows_everything(ctx: StageContext) -> None:
+    """Marks that it began, then works 2 s catching BaseException as careless
+    code does (a retry loop around a download)."""
+    ctx.path("preparing").touch()
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except BaseException:  # the point of this stage
+            pass
+
+
 def prepare_that_exits(ctx: StageContext) -> None:
     """A prepare written as a script is: it ends with ``sys.exit(0)``."""
     sys.exit(0)

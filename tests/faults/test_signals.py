@@ -149,6 +149,17 @@ def _stops_before_any_item(proc: subprocess.Popen[str], workdir: Path, signum: i
     assert doc["exit_code"] == code and doc["status"] == "not_started"
 
 
+def test_a_signal_a_prepare_swallowed_still_stops_the_run(tmp_path: Path) -> None:
+    # The handler raises into prepare once; a prepare that catches everything
+    # went on, and so did the run, as if no signal had come.
+    make_inputs(tmp_path, 2)
+    cfg = notes_config(tmp_path, tasks=2, repeat=0, extra=(
+        "prepare: {fn: tests.faults.stages:prepare_that_swallows_everything}\n"))
+    proc = start_mpipe("run", cfg)
+    wait_for(lambda: (tmp_path / "preparing").exists())
+    _stops_before_any_item(proc, tmp_path, signal.SIGTERM, 143)
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_the_leftover_walk_ends_the_run_with_its_code_and_a_report(
         tmp_path: Path, signum: int, code: int) -> None:
