@@ -100,9 +100,8 @@ def end_other_threads() -> None:
         util._exit_function()  # type: ignore[attr-defined]
     if shutdown is not None:
         shutdown()
-    # From 3.13 multiprocessing's comes after threading's, as at exit: now too,
-    # so that what comes after this (procs.end_what_this_process_left) finds
-    # the finalizers done.
+    # From 3.13 multiprocessing's comes after threading's, as at exit: now
+    # too (a no-op the second time, in the worker's own last step).
     util._exit_function()  # type: ignore[attr-defined]
 
 

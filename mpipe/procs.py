@@ -115,15 +115,9 @@ def _watch_lifeline(lifeline: Connection) -> None:
     os._exit(LIFELINE_EXIT)
 
 
-def descendants(pid: int, *, same_session: bool = False) -> list[int]:
-    """The processes below ``pid`` (its children, theirs, ...), read from /proc.
-
-    With ``same_session``, not those in another session than ``pid``'s, nor
-    below them: a process started with ``start_new_session`` (a daemon a stage
-    meant to detach) is left alone.
-    """
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (its children, theirs, ...), read from /proc."""
     children: dict[int, list[int]] = {}
-    sessions: dict[int, int] = {}
     try:
         entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
     except OSError:
@@ -134,16 +128,13 @@ def descendants(pid: int, *, same_session: bool = False) -> list[int]:
                 stat = f.read()
         except OSError:
             continue  # gone meanwhile
-        # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses.
-        fields = stat[stat.rindex(b")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(name))
-        sessions[int(name)] = int(fields[3])
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(name))
     found: list[int] = []
     todo = [pid]
     while todo:
         for child in children.get(todo.pop(), ()):
-            if same_session and sessions.get(child) != sessions.get(pid):
-                continue
             found.append(child)
             todo.append(child)
     return found
@@ -161,12 +152,12 @@ def end_what_this_process_left() -> None:
     """SIGKILL this process's descendants, as it exits: what a stage started and
     left running would otherwise outlive the run, re-parented out of reach.
 
-    Call it last: after the stage's threads and multiprocessing's finalizers
-    (a Pool the stage kept stops its own workers; killed under it, its
-    finalizer would wait for ever for the lock a dead worker held).  Not what
-    the stage started in a session of its own (a daemon it meant to detach).
-    Costs one ``waitid`` that reaps nothing when there is no child (most
-    stages start none).
+    Call it after multiprocessing's finalizers (a Pool the stage kept stops
+    its own workers; killed under it, its finalizer would wait for ever for
+    the lock a dead worker held).  Everything below, as :func:`kill_tree` and
+    the lifeline take it: also what the stage started in a session of its
+    own.  Costs one ``waitid`` that reaps nothing when there is no child
+    (most stages start none).
     """
     try:
         os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -174,7 +165,7 @@ def end_what_this_process_left() -> None:
         return  # no child at all
     except OSError:
         pass
-    _kill_pids(descendants(os.getpid(), same_session=True))
+    _kill_pids(descendants(os.getpid()))
 
 
 def kill_tree(process: BaseProcess) -> None:

@@ -103,11 +103,21 @@ def worker_main(
         _serve(conn, fn, with_ctx, ctx, running, spec.slot, spec.last_stage)
         outputs.exit_if_temporaries_left()  # the stage's threads end first
     finally:
-        # Also when the stage raised SystemExit: its threads and finalizers
-        # end as at any exit (each does nothing the second time), then what
-        # its processes left.
-        outputs.end_other_threads()
-        procs.end_what_this_process_left()
+        # Also when the stage raised SystemExit.  Multiprocessing's finalizers
+        # first, as at any exit (a Pool the stage kept stops its own workers;
+        # a no-op the second time), then what the stage's processes left.  Its
+        # threads end after that, as the interpreter exits: one waiting on a
+        # child returns once the child is gone.
+        try:
+            _multiprocessing_exit()
+        finally:
+            procs.end_what_this_process_left()
+
+
+def _multiprocessing_exit() -> None:
+    from multiprocessing import util
+
+    util._exit_function()  # type: ignore[attr-defined]
 
 
 # Replies of quick items are sent together; a reply never waits longer than this.

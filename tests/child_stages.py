@@ -84,8 +84,18 @@ def keeps_a_pool_then_exits(value: int) -> float:
     return float(value)
 
 
+def waits_on_a_tool_in_a_thread_then_exits(value: int) -> float:
+    """Item 0 runs ``sleep 20.5`` in a (non-daemon) thread, then raises SystemExit."""
+    import threading
+
+    if value == 0:
+        threading.Thread(target=subprocess.run, args=(["sleep", "20.5"],)).start()
+        raise SystemExit(3)
+    return float(value)
+
+
 def detaches_a_daemon(value: int) -> float:
-    """Starts ``sleep 299.75`` in a session of its own: meant to outlive the item."""
+    """Starts ``sleep 299.75`` in a session of its own (as a stage does to killpg it)."""
     subprocess.Popen(["sleep", "299.75"], start_new_session=True, stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return float(value)

@@ -105,16 +105,32 @@ def test_a_worker_that_exits_lets_a_pool_its_stage_kept_stop_first(tmp_path: Pat
     assert (doc["counts"]["committed"], doc["counts"]["failed"]) == (3, 1), doc["counts"]
 
 
-def test_a_daemon_a_stage_detached_is_left_alone(tmp_path: Path) -> None:
-    # start_new_session: the stage meant it to outlive the item (a server its
-    # items share); only what stayed in the worker's session is ended with it.
+def test_what_a_stage_started_in_a_session_of_its_own_ends_with_its_worker_too(
+        tmp_path: Path) -> None:
+    # As a worker killed at timeout_s, or one whose runner died, takes it:
+    # start_new_session is as often there for the stage to killpg its tool.
     proc = mpipe("run", _config(tmp_path, "detaches_a_daemon", n=1), "--quiet",
                  cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     left = _sleeps("299.75")
     for p in left:
         p.kill()
-    assert len(left) == 1, left
+    assert not left, left
+
+
+def test_a_stage_thread_waiting_on_its_tool_does_not_hold_an_exiting_worker(
+        tmp_path: Path) -> None:
+    # The worker joined its stage's threads before ending its processes: a
+    # thread waiting on a tool held the exiting worker (and the stage's queue)
+    # for as long as the tool ran.
+    cfg = _config(tmp_path, "waits_on_a_tool_in_a_thread_then_exits", n=3,
+                  stage_extra=", retries: 0")
+    cfg.write_text(cfg.read_text().replace("workers: 2", "workers: 1"))
+    start = time.monotonic()
+    proc = mpipe("run", cfg, "--quiet", cwd=tmp_path, timeout=90)
+    assert proc.returncode == 1, proc.stderr
+    assert time.monotonic() - start < 15, "the worker waited for its thread's tool"
+    assert not _sleeps("20.5")
 
 
 def test_ctrl_c_to_the_group_lets_a_stages_tool_finish_within_the_grace(
