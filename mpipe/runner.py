@@ -221,11 +221,7 @@ class Runner:
                 ctx = SourceContext(dict(self.config.params), self.paths.workdir,
                                     self.config.allow_outside_workdir)
                 try:
-                    self._interruptible = True
-                    try:
-                        imports.call_with_optional_context(self._prepare, ctx=ctx)
-                    finally:
-                        self._interruptible = False
+                    self._call_prepare(ctx)
                 except _Stopped as stop:
                     raise InterruptedRunError(stop.signum, 0) from None
                 except KeyboardInterrupt:  # raised by the prepare's own code
@@ -266,6 +262,20 @@ class Runner:
             self._teardown(grace_s=0)
             raise
         return self
+
+    def _call_prepare(self, ctx: SourceContext) -> None:
+        """Run prepare; a stop signalled meanwhile wins over what it then raised."""
+        assert self._prepare is not None
+        self._interruptible = True  # a signal now raises _Stopped in it, once
+        try:
+            imports.call_with_optional_context(self._prepare, ctx=ctx)
+        except (Exception, SystemExit):
+            if self._stopped_before_run is not None:
+                # The prepare's own code turned the stop into another error.
+                raise _Stopped(self._stopped_before_run) from None
+            raise
+        finally:
+            self._interruptible = False
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

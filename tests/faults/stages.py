@@ -185,6 +185,15 @@ def prepare_that_swallows_everything(ctx: StageContext) -> None:
             pass
 
 
+def prepare_that_rewraps_everything(ctx: StageContext) -> None:
+    """Marks that it began, waits, and turns whatever interrupts it into its own error."""
+    ctx.path("preparing").touch()
+    try:
+        time.sleep(30)
+    except BaseException as exc:  # the point of this stage
+        raise RuntimeError("download interrupted") from exc
+
+
 def prepare_that_exits(ctx: StageContext) -> None:
     """A prepare written as a script is: it ends with ``sys.exit(0)``."""
     sys.exit(0)

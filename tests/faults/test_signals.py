@@ -149,12 +149,16 @@ def _stops_before_any_item(proc: subprocess.Popen[str], workdir: Path, signum: i
     assert doc["exit_code"] == code and doc["status"] == "not_started"
 
 
-def test_a_signal_a_prepare_swallowed_still_stops_the_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prepare", ["prepare_that_swallows_everything",
+                                     "prepare_that_rewraps_everything"])
+def test_a_signal_a_prepare_swallowed_still_stops_the_run(tmp_path: Path,
+                                                          prepare: str) -> None:
     # The handler raises into prepare once; a prepare that catches everything
-    # went on, and so did the run, as if no signal had come.
+    # went on, and so did the run, as if no signal had come; one that turned
+    # it into its own error broke the run (exit 3) instead of stopping it.
     make_inputs(tmp_path, 2)
     cfg = notes_config(tmp_path, tasks=2, repeat=0, extra=(
-        "prepare: {fn: tests.faults.stages:prepare_that_swallows_everything}\n"))
+        f"prepare: {{fn: tests.faults.stages:{prepare}}}\n"))
     proc = start_mpipe("run", cfg)
     wait_for(lambda: (tmp_path / "preparing").exists())
     _stops_before_any_item(proc, tmp_path, signal.SIGTERM, 143)
