@@ -73,10 +73,7 @@ def test_what_a_stage_left_running_does_not_outlive_the_run(tmp_path: Path) -> N
     proc = mpipe("run", _config(tmp_path, "leaves_a_tool_running", n=2), "--quiet",
                  cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    left = _sleeps("299.25")
-    for p in left:
-        p.kill()
-    assert not left, left
+    _assert_none_left("299.25")
 
 
 def _sleeps(argument: str) -> list[psutil.Process]:
@@ -89,6 +86,13 @@ def _sleeps(argument: str) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return found
+
+
+def _assert_none_left(argument: str) -> None:
+    left = _sleeps(argument)
+    for p in left:
+        p.kill()
+    assert not left, left
 
 
 def test_a_worker_that_exits_lets_a_pool_its_stage_kept_stop_first(tmp_path: Path) -> None:
@@ -112,10 +116,7 @@ def test_what_a_stage_started_in_a_session_of_its_own_ends_with_its_worker_too(
     proc = mpipe("run", _config(tmp_path, "detaches_a_daemon", n=1), "--quiet",
                  cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    left = _sleeps("299.75")
-    for p in left:
-        p.kill()
-    assert not left, left
+    _assert_none_left("299.75")
 
 
 def test_a_stage_thread_waiting_on_its_tool_does_not_hold_an_exiting_worker(

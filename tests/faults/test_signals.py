@@ -78,15 +78,20 @@ def test_signal_commits_what_finished_then_resume_completes(
     check_against_reference(tmp_path, 8, 0)
 
 
+def _wait_until_up(proc: subprocess.Popen[str]) -> None:
+    """Read the run's log (started with --log-level INFO) until its processes are up."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "processes are up" in line:
+            return
+
+
 def test_second_sigint_stops_at_once(tmp_path: Path) -> None:
     make_inputs(tmp_path, 4)
     cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=2, fn=SLEEPY)
     proc = start_mpipe("run", cfg, "--log-level", "INFO", "--set", "shutdown_grace_s=120",
                        env={"MPIPE_TEST_SLEEP_S": "60"})
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "processes are up" in line:
-            break
+    _wait_until_up(proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)  # well past the echo window (runner.SAME_STOP_REQUEST_S)
@@ -185,10 +190,7 @@ def test_runner_killed_leaves_no_worker(tmp_path: Path) -> None:
     make_inputs(tmp_path, 4)
     cfg = notes_config(tmp_path, tasks=4, repeat=0, workers=3, fn=SLEEPY)
     proc = start_mpipe("run", cfg, "--log-level", "INFO", env={"MPIPE_TEST_SLEEP_S": "60"})
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "processes are up" in line:
-            break
+    _wait_until_up(proc)
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len(children) >= 5  # 3 workers, consumer, writer, producer, forkserver...
     proc.kill()
@@ -236,10 +238,7 @@ def test_items_a_worker_held_when_it_died_during_the_grace_are_counted_not_start
         "consumer: {fn: tests.result_stages:total}\nwriter: {path: results.h5}\n"
         "allowed_modules: [tests.result_stages, tests.faults.stages]\nfsync: false\n")
     proc = start_mpipe("run", cfg, "--log-level", "INFO", cwd=tmp_path)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "processes are up" in line:
-            break
+    _wait_until_up(proc)
     time.sleep(1.5)  # item 300 is asleep by now (2000 quick items take about 1 s)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -270,10 +269,7 @@ def test_a_hard_stop_counts_the_items_still_on_their_way_to_the_writer(
     # folding the first value (2 s each): they wait on their way to the writer.
     proc = start_mpipe("run", cfg, "--log-level", "INFO", cwd=tmp_path,
                        env={"MPIPE_TEST_REPLAYS_LAST": "1"})
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "processes are up" in line:
-            break
+    _wait_until_up(proc)
     time.sleep(2.0)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
