@@ -269,8 +269,10 @@ def uses_a_thread_pool(value: dict[str, int], ctx: StageContext) -> Any:
 
 
 def quick_but_300_dies_late(value: int) -> float:
-    """Quick items (so workers prefetch many); item 300 sleeps 4 s, then its worker dies."""
+    """Quick items (so workers prefetch many); item 300 touches $MPIPE_TEST_MARK,
+    sleeps 4 s, then its worker dies."""
     if value == 300:
+        open(os.environ["MPIPE_TEST_MARK"], "w").close()
         time.sleep(4.0)
         os.kill(os.getpid(), signal.SIGKILL)
     return float(value)
