@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 import traceback
 from collections import deque
@@ -105,13 +106,30 @@ def worker_main(
     finally:
         # Also when the stage raised SystemExit.  Multiprocessing's finalizers
         # first, as at any exit (a Pool the stage kept stops its own workers;
-        # a no-op the second time), then what the stage's processes left.  Its
-        # threads end after that, as the interpreter exits: one waiting on a
-        # child returns once the child is gone.
+        # a no-op the second time), then what the stage's processes left, and
+        # only then its threads: one waiting on a child returns once the child
+        # is gone.
         try:
             _multiprocessing_exit()
         finally:
-            procs.end_what_this_process_left()
+            _end_stage_processes_then_threads()
+
+
+def _end_stage_processes_then_threads() -> None:
+    """End what the stage's processes left, then wait for its threads.
+
+    Again while a thread is alive: one that was about to start a tool as the
+    stage raised starts it after the first pass (a race a loaded machine
+    shows), and waits on it until the next pass ends it.
+    """
+    me = threading.current_thread()
+    while True:
+        procs.end_what_this_process_left()
+        alive = [t for t in threading.enumerate()
+                 if t is not me and not t.daemon and t.is_alive()]
+        if not alive:
+            return
+        alive[0].join(0.1)
 
 
 def _multiprocessing_exit() -> None:

@@ -84,12 +84,20 @@ def keeps_a_pool_then_exits(value: int) -> float:
     return float(value)
 
 
+def _tool_a_little_later() -> None:
+    import time
+
+    time.sleep(0.3)  # after the stage has raised: the worker is on its way out
+    subprocess.run(["sleep", "20.5"])
+
+
 def waits_on_a_tool_in_a_thread_then_exits(value: int) -> float:
-    """Item 0 runs ``sleep 20.5`` in a (non-daemon) thread, then raises SystemExit."""
+    """Item 0 starts a (non-daemon) thread that runs ``sleep 20.5`` 0.3 s later,
+    and raises SystemExit at once."""
     import threading
 
     if value == 0:
-        threading.Thread(target=subprocess.run, args=(["sleep", "20.5"],)).start()
+        threading.Thread(target=_tool_a_little_later).start()
         raise SystemExit(3)
     return float(value)
 
