@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import signal
 
+# How an error's hint follows its message when it is said (and parsed back, mpipe.retry).
+HINT_SEP = "\n  hint: "
+# What to do about results of differing shapes or number types (writer, runner).
+ONE_ROW_SHAPE = ("make every item's result one shape and number type (editing the stage "
+                 "redoes its items)")
+
 
 class MpipeError(Exception):
     """Base of every error mpipe raises on purpose.
@@ -32,7 +38,7 @@ class MpipeError(Exception):
 
     def __str__(self) -> str:
         if self.hint:
-            return f"{self.message}\n  hint: {self.hint}"
+            return f"{self.message}{HINT_SEP}{self.hint}"
         return self.message
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mpipe.errors import ONE_ROW_SHAPE
 from mpipe.messages import ItemFailure, SinkItem, loads
 from mpipe.rows import as_row
 
@@ -265,8 +266,7 @@ def _exactly(a: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, A
 def _rejection(message: SinkItem, reason: str) -> ItemFailure:
     # A replayed item was committed by an earlier run whose first row differed
     # from this run's: it stays committed in the ledger.
-    again = ("; it was committed by an earlier run, and stays so: make every item's "
-             "result one shape and number type (editing the stage redoes its items)"
+    again = (f"; it was committed by an earlier run, and stays so: {ONE_ROW_SHAPE}"
              if message.replayed else "")
     return ItemFailure(
         seq=message.seq, key=message.key, stage="writer", worker="writer",

@@ -65,12 +65,12 @@ def exit_if_temporaries_left() -> None:
     """A worker's last call: exit with TEMPORARIES_LEFT_EXIT if need be.
 
     The stage's other non-daemon threads end first, as they would at the
-    process's exit (:func:`end_other_threads`); a daemon thread that tries to
+    process's exit (:func:`_end_other_threads`); a daemon thread that tries to
     open an output after this fails instead, as the process is about to end
     under it.
     """
     global _closing
-    end_other_threads()
+    _end_other_threads()
     with _lock:
         _closing = True
         left = temporaries_left()
@@ -80,7 +80,7 @@ def exit_if_temporaries_left() -> None:
         raise SystemExit(TEMPORARIES_LEFT_EXIT)
 
 
-def end_other_threads() -> None:
+def _end_other_threads() -> None:
     """What a multiprocessing child does as it ends, done now and in the same order.
 
     Before Python 3.13 multiprocessing's exit function comes first (its
@@ -100,9 +100,6 @@ def end_other_threads() -> None:
         util._exit_function()  # type: ignore[attr-defined]
     if shutdown is not None:
         shutdown()
-    # From 3.13 multiprocessing's comes after threading's, as at exit: now
-    # too (a no-op the second time, in the worker's own last step).
-    util._exit_function()  # type: ignore[attr-defined]
 
 
 def _opened() -> None:

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from mpipe.errors import MpipeError, OutputError
+from mpipe.errors import HINT_SEP, MpipeError, OutputError
 from mpipe.messages import ItemFailure, WorkItem
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def settle_failed_attempt(
         stats.failed += 1
         on_failed(stage, failure)
         # The failure's own message may end in the OutputError's hint: one hint.
-        what, _, hint = failure.message.partition("\n  hint: ")
+        what, _, hint = failure.message.partition(HINT_SEP)
         on_fatal(OutputError(f"stage {stage!r}, item {item.key}: {what}",
                              hint=hint or "free space or fix the disk, then run the same "
                              "command again: finished items are kept"))

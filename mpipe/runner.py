@@ -86,6 +86,7 @@ from mpipe.config import LoadedConfig
 from mpipe.consumer import ConsumerSpec, consumer_main
 from mpipe.context import StopFlag
 from mpipe.errors import (
+    ONE_ROW_SHAPE,
     InterruptedRunError,
     ItemsFailedError,
     MpipeError,
@@ -875,8 +876,7 @@ class Runner:
                                                                           deadline)
         if not s.stopping:
             s.stopping = True
-            s.not_started += len(self._pools[0].queue)
-            self._pools[0].queue.clear()
+            self._drop_first_queue()
 
     def _stop_on_error(self, error: MpipeError) -> None:
         """The run cannot succeed, but what is in flight may still commit."""
@@ -920,14 +920,19 @@ class Runner:
             logger.info("last wave: cpu_slots lifted for %d more worker(s), %d item(s) left",
                         extra, last.in_flight)
 
+    def _drop_first_queue(self) -> None:
+        """Stopping: what waits for the first stage is never started, and counted so."""
+        first = self._pools[0].queue
+        self._state.not_started += len(first)
+        first.clear()
+
     def _advance(self, now: float) -> None:
         s = self._state
-        if s.stopping and self._pools[0].queue:
+        if s.stopping:
             # A worker that died or exited while stopping hands its unstarted
             # items (and a retry) back to the first queue, which takes nothing
-            # more: never started, and counted so.
-            s.not_started += len(self._pools[0].queue)
-            self._pools[0].queue.clear()
+            # more.
+            self._drop_first_queue()
         busy = any(p.in_flight for p in self._pools)
         queued = any(p.queue for p in self._pools[1:]) or (
             not s.stopping and bool(self._pools[0].queue or s.source_backlog))
@@ -1051,9 +1056,8 @@ class Runner:
         if s.rejected_rows:
             logger.warning(
                 "the results file gets no total: the consumer's value includes %d item(s) "
-                "whose result the results file could not take (see the failures); make every "
-                "item's result one shape and number type (editing the stage redoes its items)",
-                s.rejected_rows)
+                "whose result the results file could not take (see the failures); %s",
+                s.rejected_rows, ONE_ROW_SHAPE)
             return dumps(None)
         return s.total
 

@@ -109,7 +109,7 @@ def test_a_temporary_that_could_not_be_removed_is_said_and_counted(
     monkeypatch.setattr(outputs, "_unremoved", False)
     monkeypatch.setattr(outputs, "_closing", False)
     # Not this process's (pytest's) threads: what a worker's exit would end.
-    monkeypatch.setattr(outputs, "end_other_threads", lambda: None)
+    monkeypatch.setattr(outputs, "_end_other_threads", lambda: None)
     monkeypatch.setattr(outputs.shutil, "rmtree", lambda *a, **k: None)
     assert not outputs.temporaries_left()
     with pytest.raises(RuntimeError), outputs.atomic_dir(tmp_path / "out", fsync=False):
@@ -185,7 +185,7 @@ def test_no_output_is_opened_once_the_process_has_decided_its_exit_code(
     monkeypatch.setattr(outputs, "_unremoved", False)
     monkeypatch.setattr(outputs, "_closing", False)
     # Not this process's (pytest's) threads: what a worker's exit would end.
-    monkeypatch.setattr(outputs, "end_other_threads", lambda: None)
+    monkeypatch.setattr(outputs, "_end_other_threads", lambda: None)
     outputs.exit_if_temporaries_left()  # nothing open: returns, the exit code is 0
     with pytest.raises(RuntimeError, match="exiting"), \
             outputs.atomic_dir(tmp_path / "late", fsync=False):
